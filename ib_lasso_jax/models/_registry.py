@@ -1,0 +1,185 @@
+"""Model registry: build any zoo model from its name and a plain-data width specification.
+
+A model's *width specification* ("widths") is JSON-serialisable data (ints, lists, dicts;
+strings such as ``"M"`` for VGG's pooling markers). The default widths give the standard
+model; any reduced widths give the pruned model from the same code. Every zoo model stores
+its :class:`ModelSpec` as ``model.spec`` so it can be saved and rebuilt anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from typing import Any, Callable
+
+from flax import nnx
+
+# Input shape (H, W, C) and class count per data set name: what `--dataset` means everywhere.
+DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((28, 28, 1), 10),
+    "mnist5k": ((28, 28, 1), 10),
+    "digits": ((8, 8, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "imagenet2012": ((224, 224, 3), 1000),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a zoo model (weights aside).
+
+    The widths and options are held as canonical JSON strings so the spec is hashable and
+    can live as static data on an NNX module.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    widths_json: str
+    options_json: str = "{}"
+
+    @property
+    def widths(self) -> Any:
+        return json.loads(self.widths_json)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return json.loads(self.options_json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "widths": self.widths,
+            "options": self.options,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        missing = {"name", "num_classes", "input_shape", "widths"} - set(d)
+        if missing:
+            raise ValueError(f"model spec is missing keys {sorted(missing)}; got keys {sorted(d)}")
+        return make_spec(d["name"], d["num_classes"], d["input_shape"], d["widths"], d.get("options", {}))
+
+    def replace_widths(self, widths: Any) -> "ModelSpec":
+        return make_spec(self.name, self.num_classes, self.input_shape, widths, self.options)
+
+
+def make_spec(name, num_classes, input_shape, widths, options=None) -> ModelSpec:
+    return ModelSpec(
+        name=str(name),
+        num_classes=int(num_classes),
+        input_shape=tuple(int(s) for s in input_shape),
+        widths_json=json.dumps(widths, sort_keys=True),
+        options_json=json.dumps(options or {}, sort_keys=True),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., nnx.Module]
+    default_widths: Callable[[], Any]
+    default_dataset: str
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, *, default_widths: Callable[[], Any], default_dataset: str, description: str = ""):
+    """Decorator: register ``builder(num_classes, input_shape, widths, *, rngs, **options)``."""
+
+    def wrap(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = _Entry(builder, default_widths, default_dataset, description)
+        return builder
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def default_widths(name: str) -> Any:
+    """A fresh copy of the standard width specification of model ``name``."""
+    return copy.deepcopy(_entry(name).default_widths())
+
+
+def default_dataset(name: str) -> str:
+    return _entry(name).default_dataset
+
+
+def describe(name: str) -> str:
+    return _entry(name).description
+
+
+def create(
+    name: str,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    widths: Any = None,
+    *,
+    rngs: nnx.Rngs | int = 0,
+    **options: Any,
+) -> nnx.Module:
+    """Build zoo model ``name``.
+
+    Args:
+      name: a registered model name (see :func:`available`).
+      num_classes: output classes; default: the model's default data set's.
+      input_shape: ``(H, W, C)`` of one example; default: the model's default data set's.
+      widths: width specification; ``None`` gives the standard model.
+      rngs: an ``nnx.Rngs`` or an int seed.
+      **options: model-specific construction options (recorded in ``model.spec``).
+
+    Returns:
+      The NNX module, with ``model.spec`` a :class:`ModelSpec`.
+
+    >>> m = create("lenet5", num_classes=10, input_shape=(28, 28, 1))
+    >>> m.spec.name
+    'lenet5'
+    """
+    entry = _entry(name)
+    ds_shape, ds_classes = DATASETS[entry.default_dataset]
+    num_classes = ds_classes if num_classes is None else num_classes
+    input_shape = ds_shape if input_shape is None else tuple(input_shape)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+    if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (H, W, C) with positive sizes; got {input_shape!r}")
+    widths = entry.default_widths() if widths is None else widths
+    widths = json.loads(json.dumps(widths))  # canonical plain data (tuples -> lists)
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(rngs)
+    model = entry.builder(int(num_classes), tuple(int(s) for s in input_shape), widths, rngs=rngs, **options)
+    model.spec = make_spec(name, num_classes, input_shape, widths, options)
+    return model
+
+
+def create_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+    """Rebuild a model (fresh weights) from its :class:`ModelSpec`."""
+    return create(spec.name, spec.num_classes, spec.input_shape, spec.widths, rngs=rngs, **spec.options)
+
+
+def abstract_from_spec(spec: ModelSpec) -> nnx.Module:
+    """The model of ``spec`` with abstract (shape-only) state: no memory, no compute."""
+    return nnx.eval_shape(lambda: create_from_spec(spec, rngs=0))
+
+
+def dataset_shape(dataset: str) -> tuple[tuple[int, int, int], int]:
+    """``(input_shape, num_classes)`` for a data set name."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid data sets are: {', '.join(sorted(DATASETS))}")
+    return DATASETS[dataset]
