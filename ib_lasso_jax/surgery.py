@@ -1,0 +1,274 @@
+"""Model surgery: keep masks -> a physically smaller model with sliced weights.
+
+A zoo model is rebuilt through the registry at its new widths and every parameter is
+sliced along the axes that the channel graph (:mod:`ib_lasso_jax.coupling`) says hold
+removed channels: producer kernels and biases, BatchNorm scale/bias/mean/var, consumer input
+slices (including a dense layer after a flatten, where one channel is ``H*W`` inputs, and
+concatenation members at their offsets).
+
+Which entry of the width specification sets which channel group is *not* written per
+model either: the specification is rebuilt once with every integer replaced by a unique tag
+(``value * 1000 + index + 1``), shapes only (``nnx.eval_shape``), and each producer's output
+size in that abstract model names the entry that sets it.
+
+>>> import numpy as np
+>>> from ib_lasso_jax.models import create
+>>> from ib_lasso_jax.surgery import apply_masks
+>>> small = apply_masks(create("lenet5"), {"conv1": np.arange(6) < 4})
+>>> small.spec.widths["conv"]
+[4, 16]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ib_lasso_jax import coupling
+from ib_lasso_jax.models import _registry
+
+__all__ = [
+    "apply_masks",
+    "full_masks",
+    "new_widths",
+    "width_map",
+    "zero_channels",
+]
+
+_TAG = 1000
+
+
+def full_masks(graph: coupling.ChannelGraph, policy: str = "inner") -> dict[str, np.ndarray]:
+    """A keep-everything mask for every group prunable under ``policy``."""
+    return {n: np.ones(g.size, bool) for n, g in graph.prunable(policy).items()}
+
+
+def _int_leaves(widths, prefix=()):
+    """Paths of the integer leaves of a width specification, in a fixed order."""
+    if isinstance(widths, bool):
+        return []
+    if isinstance(widths, int):
+        return [prefix]
+    if isinstance(widths, dict):
+        return [p for k in sorted(widths) for p in _int_leaves(widths[k], prefix + (k,))]
+    if isinstance(widths, list):
+        return [p for i, v in enumerate(widths) for p in _int_leaves(v, prefix + (i,))]
+    return []
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+@functools.lru_cache(maxsize=64)
+def _tag_shapes(spec: _registry.ModelSpec) -> tuple[dict[str, tuple[int, ...]], dict[int, tuple]]:
+    widths = spec.widths
+    leaves = _int_leaves(widths)
+    if len(leaves) >= _TAG - 1:
+        raise ValueError(f"width specification has {len(leaves)} integer entries; at most {_TAG - 2} are supported")
+    tagged = json.loads(json.dumps(widths))
+    tags = {}
+    for i, path in enumerate(leaves):
+        tag = _get(widths, path) * _TAG + i + 1
+        _set(tagged, path, tag)
+        tags[tag] = path
+    abstract = _registry.abstract_from_spec(spec.replace_widths(tagged))
+    _, state = nnx.split(abstract)
+    shapes = {
+        coupling.path_str(kp): tuple(np.shape(v))
+        for kp, v in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
+    return shapes, tags
+
+
+def width_map(model: nnx.Module, graph: coupling.ChannelGraph | None = None) -> dict[tuple, int]:
+    """Which axis space each integer of ``model.spec.widths`` sets.
+
+    Returns:
+      ``{width_entry_path: space_id}`` where the space id is the graph's internal id of the
+      producer output axis that the entry sets.
+    """
+    spec = _spec_of(model)
+    graph = graph or coupling.trace_channels(model)
+    shapes, tags = _tag_shapes(spec)
+    out = {}
+    for name, (kernel, axis) in _producer_axes(graph).items():
+        size = shapes[kernel][axis]
+        space = graph.space_of(kernel, axis)
+        if size not in tags:
+            if graph.group_of_space(space) is None:
+                continue  # not prunable (e.g. the logits): its width is fixed
+            raise ValueError(
+                f"model {spec.name!r}: the output width of {kernel!r} is not set by one entry of its width "
+                "specification, so a pruned model cannot be rebuilt through the registry"
+            )
+        out[tags[size]] = space
+    return out
+
+
+def _producer_axes(graph: coupling.ChannelGraph) -> dict[str, tuple[str, int]]:
+    """One (kernel, axis) per producer space (groups and non-prunable producers alike)."""
+    out = {}
+    for layer in graph.layers:
+        kernel = layer.kernel
+        if kernel not in graph.param_shapes:
+            continue
+        # The producer axis is the kernel's output-feature axis: the last one for
+        # nnx.Conv (HWIO) and nnx.Linear (in, out).
+        axis = len(graph.param_shapes[kernel]) - 1
+        out[kernel] = (kernel, axis)
+    return out
+
+
+def new_widths(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inner",
+               graph: coupling.ChannelGraph | None = None) -> Any:
+    """The width specification of ``model`` after removing the masked channels."""
+    graph = graph or coupling.trace_channels(model)
+    counts = graph.space_keep_counts(masks, policy)
+    widths = _spec_of(model).widths
+    for path, space in width_map(model, graph).items():
+        if space in counts:
+            _set(widths, path, counts[space])
+    return widths
+
+
+def _spec_of(model) -> _registry.ModelSpec:
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, _registry.ModelSpec):
+        raise ValueError(
+            "this operation needs a zoo model (with a `spec` attribute from ib_lasso_jax.models.create); "
+            f"got {type(model).__name__}"
+        )
+    return spec
+
+
+def _slice(value, keeps: dict[int, np.ndarray]):
+    # NumPy on the host: surgery is bookkeeping, and an XLA gather per distinct shape would
+    # cost a compilation each.
+    out = np.asarray(value)
+    for axis, keep in keeps.items():
+        out = np.compress(keep, out, axis=axis)
+    return jnp.asarray(out)
+
+
+def _flat_state(model):
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    return graphdef, treedef, [coupling.path_str(kp) for kp, _ in flat], [v for _, v in flat]
+
+
+def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inner",
+                graph: coupling.ChannelGraph | None = None) -> nnx.Module:
+    """Remove the masked channels: returns a new, physically smaller model.
+
+    Args:
+      model: a zoo model (rebuilt through the registry at its new widths) or any NNX model
+        made of supported layers (then a copy whose arrays and layer sizes are replaced).
+      masks: channel group name -> boolean keep mask of the group's size. Groups left out
+        keep all their channels. See :func:`ib_lasso_jax.coupling.trace_channels` for names.
+      policy: ``"inner"`` or ``"coupled"`` (residual streams prunable as one group).
+      graph: the model's channel graph, if already traced.
+
+    Returns:
+      The reduced model (``model`` is not modified). Its ``spec`` holds the new widths.
+
+    Raises:
+      ValueError: unknown group, wrong mask length, a mask removing every channel of a
+        group, or a group not prunable under ``policy``.
+    """
+    graph = graph or coupling.trace_channels(model)
+    keeps = graph.keep_vectors(masks, policy)
+    by_param: dict[str, dict[int, np.ndarray]] = {}
+    for (p, axis), keep in keeps.items():
+        by_param.setdefault(p, {})[axis] = keep
+
+    graphdef, treedef, paths, leaves = _flat_state(model)
+    sliced = [_slice(v, by_param[p]) if p in by_param else v for p, v in zip(paths, leaves)]
+
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, _registry.ModelSpec):
+        return _rebuild_in_place(model, paths, sliced)
+
+    new_spec = spec.replace_widths(new_widths(model, masks, policy, graph))
+    abs_graphdef, abs_state = nnx.split(_registry.abstract_from_spec(new_spec))
+    abs_flat, abs_treedef = jax.tree_util.tree_flatten_with_path(abs_state)
+    by_path = dict(zip(paths, sliced))
+    new_leaves = []
+    for kp, abs_leaf in abs_flat:
+        p = coupling.path_str(kp)
+        if p not in by_path:
+            raise ValueError(f"internal: rebuilt model has parameter {p!r} that the original lacks")
+        v = by_path[p]
+        if tuple(np.shape(v)) != tuple(np.shape(abs_leaf)):
+            raise ValueError(
+                f"internal: sliced {p!r} has shape {np.shape(v)} but the rebuilt model expects {np.shape(abs_leaf)}"
+            )
+        new_leaves.append(v)
+    new_model = nnx.merge(abs_graphdef, jax.tree_util.tree_unflatten(abs_treedef, new_leaves))
+    return new_model
+
+
+def _rebuild_in_place(model, paths, sliced):
+    """Fallback for models outside the registry: a copy with replaced arrays and sizes."""
+    new_model = nnx.clone(model)
+    graphdef, state = nnx.split(new_model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    state = jax.tree_util.tree_unflatten(treedef, sliced)
+    new_model = nnx.merge(graphdef, state)
+    for _, m in new_nnx.iter_modules(model):
+        if isinstance(m, nnx.Conv):
+            m.in_features, m.out_features = int(m.kernel.get_value().shape[-2]) * m.feature_group_count, int(m.kernel.get_value().shape[-1])
+        elif isinstance(m, nnx.Linear):
+            m.in_features, m.out_features = (int(s) for s in m.kernel.get_value().shape)
+        elif isinstance(m, nnx.BatchNorm):
+            m.num_features = int(m.mean.get_value().shape[-1])
+    return new_model
+
+
+def zero_channels(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inner",
+                  graph: coupling.ChannelGraph | None = None) -> nnx.Module:
+    """The same model (same shapes) with the removed channels silenced ("soft pruning").
+
+    Every parameter that *produces* a removed channel (conv and dense kernel outputs and
+    biases, BatchNorm scale and shift) is zeroed, so the channel is exactly zero after its
+    BatchNorm and activation; consumers' weights are left alone. Its outputs equal those of
+    :func:`apply_masks` (the correctness test of surgery), and it is how a method can
+    evaluate a mask without rebuilding the network.
+    """
+    graph = graph or coupling.trace_channels(model)
+    keeps = graph.keep_vectors(masks, policy)
+    consumer_axes = graph.consumer_axes()
+    graphdef, treedef, paths, leaves = _flat_state(model)
+    by_param: dict[str, dict[int, np.ndarray]] = {}
+    for (p, axis), keep in keeps.items():
+        if (p, axis) in consumer_axes:
+            continue
+        by_param.setdefault(p, {})[axis] = keep
+    new = []
+    for p, v in zip(paths, leaves):
+        if p in by_param:
+            v = np.array(v)
+            for axis, keep in by_param[p].items():
+                shape = [1] * v.ndim
+                shape[axis] = len(keep)
+                v = v * keep.reshape(shape).astype(v.dtype)
+            v = jnp.asarray(v)
+        new.append(v)
+    clone = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
+    if isinstance(getattr(model, "spec", None), _registry.ModelSpec):
+        clone.spec = model.spec
+    return clone
