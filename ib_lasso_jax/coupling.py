@@ -52,6 +52,7 @@ __all__ = [
     "ChannelGroup",
     "CouplingError",
     "LayerOp",
+    "Observation",
     "POLICIES",
     "path_str",
     "trace_channels",
@@ -167,6 +168,18 @@ class _Link:
 
 
 @dataclasses.dataclass
+class _Site:
+    """Where a conv or dense layer reads its input: the place to observe a channel."""
+
+    depth: int  # 0 = the top-level jaxpr (capturable)
+    lhs: Any  # jaxpr var of the activation input
+    axis: int  # its axis that carries channels
+    node: int
+    out: Any  # jaxpr var of the layer's output
+    kernel: str
+
+
+@dataclasses.dataclass
 class _Mark:
     node: int
     what: str
@@ -193,6 +206,8 @@ class _Tracer:
         # with values computed from parameters (BatchNorm's affine map, biases): counting
         # conventions that charge normalisation layers use these.
         self.param_touches: list[tuple[frozenset, int]] = []
+        self.sites: list[_Site] = []
+        self.depth = -1
 
     # -- helpers
     def fresh(self, shape) -> tuple[int, ...]:
@@ -224,6 +239,13 @@ class _Tracer:
 
     # -- the walk
     def run(self, jaxpr, consts_info: list[_Info], in_info: list[_Info]) -> list[_Info]:
+        self.depth += 1
+        try:
+            return self._run(jaxpr, consts_info, in_info)
+        finally:
+            self.depth -= 1
+
+    def _run(self, jaxpr, consts_info: list[_Info], in_info: list[_Info]) -> list[_Info]:
         env: dict[Any, _Info] = {}
         for v, info in zip(jaxpr.constvars, consts_info):
             env[v] = info
@@ -355,6 +377,7 @@ class _Tracer:
             out[of] = rhs.nodes[ro]
             self.producers.append((rhs.nodes[ro], kernel))
             self.consumers.append((rhs.nodes[ri], kernel))
+            self.sites.append(_Site(self.depth, eqn.invars[0], lf, lhs.nodes[lf], eqn.outvars[0], kernel))
         elif groups == c_in and self.nodes.size[rhs.nodes[ro]] == c_in:
             # Depthwise (one filter per channel): the channel passes straight through.
             self.nodes.union(lhs.nodes[lf], rhs.nodes[ro])
@@ -398,6 +421,11 @@ class _Tracer:
             for i in contract:
                 self.consumers.append((kernel_side.nodes[i], k))
             act_side = lhs if kernel_side is rhs else rhs
+            act_var = eqn.invars[0] if kernel_side is rhs else eqn.invars[1]
+            act_contract = lc if kernel_side is rhs else rc
+            if len(act_contract) == 1:
+                self.sites.append(_Site(self.depth, act_var, act_contract[0], act_side.nodes[act_contract[0]],
+                                        eqn.outvars[0], k))
             # The activation's first axis is the batch: count one example.
             macs = math.prod(out_shape[1:]) * math.prod(self.nodes.size[kernel_side.nodes[i]] for i in contract)
             self.layers.append(
@@ -527,6 +555,28 @@ class _Space:
     size: int
     links: list[_Link]
     owner_group: str | None = None  # the group that owns this space's unexplained positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """A channel group seen at its first consumer's input (see ``ChannelGraph.observation``).
+
+    Attributes:
+      group: the channel group.
+      consumer: module path of the consuming conv/dense layer.
+      lhs: the jaxpr variable of the consumer's input.
+      axis: the axis of ``lhs`` that carries the channels.
+      positions: ``(group.size, r)`` indices along ``axis`` holding each channel (``r > 1``
+        after a flatten: one channel is ``H*W`` dense inputs).
+      out: the jaxpr variable of the consumer's output (the response).
+    """
+
+    group: str
+    consumer: str
+    lhs: Any
+    axis: int
+    positions: np.ndarray
+    out: Any
 
 
 class ChannelGraph:
@@ -774,6 +824,39 @@ class ChannelGraph:
             out[name] = m
         return out
 
+    def observation(self, group: str) -> "Observation":
+        """Where to observe ``group``'s channels: the input of its first consumer.
+
+        That input is what the next layer sees (after BatchNorm, activation and any
+        pooling). Its output is the layer's response.
+        """
+        if group not in self.groups:
+            raise ValueError(f"unknown channel group {group!r}; valid groups are: {', '.join(self.groups)}")
+        space = self._group_space[group]
+        own = self._own_index[space]
+        for site in self._t.sites:
+            rs, rp = self._resolve(self._t.nodes.find(site.node))
+            sel = rs == space
+            if not sel.any():
+                continue
+            if site.depth != 0:
+                raise CouplingError(
+                    f"the first consumer of group {group!r} ({_module_of(site.kernel)}) runs inside a nested "
+                    "jit/call; its input cannot be captured. Call layers directly in __call__."
+                )
+            idx = own[rp[sel]]
+            pos = np.flatnonzero(sel)
+            if not np.array_equal(np.sort(np.unique(idx)), np.arange(self.groups[group].size)):
+                continue  # this consumer sees only part of the group; look further
+            order = np.argsort(idx, kind="stable")
+            per = np.bincount(idx, minlength=self.groups[group].size)
+            if (per != per[0]).any():
+                raise CouplingError(f"group {group!r}: channels appear a different number of times at "
+                                    f"{_module_of(site.kernel)}'s input")
+            return Observation(group, _module_of(site.kernel), site.lhs, site.axis,
+                               pos[order].reshape(self.groups[group].size, per[0]), site.out)
+        raise CouplingError(f"group {group!r} has no consumer that sees all its channels")
+
     def summary(self) -> str:
         rows = [f"{'group':32s} {'size':>6s} {'residual':>8s}  producers -> consumers"]
         for g in self.groups.values():
@@ -796,7 +879,7 @@ def _check_policy(policy: str):
 
 
 def trace_channels(
-    model: nnx.Module, input_shape: tuple[int, ...] | None = None, *, strict: bool = True
+    model: nnx.Module, input_shape: tuple[int, ...] | None = None, *, strict: bool = True, batch: int = 2
 ) -> ChannelGraph:
     """Trace ``model`` once (abstractly: no FLOPs are spent) and derive its channel groups.
 
@@ -806,6 +889,8 @@ def trace_channels(
       input_shape: one example's shape; defaults to ``model.spec.input_shape``.
       strict: raise :class:`CouplingError` when an unsupported construct touches a group;
         otherwise mark that group not prunable.
+      batch: the batch size of the traced program (``graph.jaxpr``); the groups do not
+        depend on it.
 
     Returns:
       A :class:`ChannelGraph`.
@@ -815,11 +900,25 @@ def trace_channels(
     >>> [(n, grp.size) for n, grp in g.groups.items()]
     [('conv1', 6), ('conv2', 16), ('fc1', 120), ('fc2', 84)]
     """
+    input_shape = _input_shape_of(model, input_shape)
+    tracer, closed, param_nodes, io_nodes = _trace(model, input_shape, batch)
+    graph = ChannelGraph(tracer, param_nodes, io_nodes, strict)
+    graph.jaxpr = closed
+    graph.input_shape = tuple(input_shape)
+    graph.batch = batch
+    return graph
+
+
+def _input_shape_of(model, input_shape):
     if input_shape is None:
         spec = getattr(model, "spec", None)
         if spec is None:
             raise ValueError("input_shape is required for a model without a `spec` attribute")
         input_shape = spec.input_shape
+    return tuple(int(s) for s in input_shape)
+
+
+def _trace(model, input_shape, batch):
     graphdef, state = nnx.split(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = [path_str(kp) for kp, _ in flat]
@@ -830,7 +929,7 @@ def trace_channels(
         m.eval()
         return m(x)
 
-    x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
     abstract = [jax.ShapeDtypeStruct(np.shape(v), getattr(v, "dtype", jnp.float32)) for v in leaves]
     closed = jax.make_jaxpr(forward)(abstract, x)
     tracer = _Tracer()
@@ -840,4 +939,4 @@ def trace_channels(
     outs = tracer.run(closed.jaxpr, consts, param_infos + [x_info])
     io_nodes = list(x_info.nodes) + [n for o in outs for n in o.nodes]
     param_nodes = {p: info.nodes for p, info in zip(paths, param_infos)}
-    return ChannelGraph(tracer, param_nodes, io_nodes, strict)
+    return tracer, closed, param_nodes, io_nodes

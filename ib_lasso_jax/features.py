@@ -1,0 +1,170 @@
+"""Calibration features: every channel group's feature maps and its consumer's response.
+
+For a channel group, the *features* are the group's channels as the next layer sees them
+(the input of its first consumer: after BatchNorm, activation and pooling), shaped
+``(N, C, D)``: N samples, C channels of the group, D = H*W values per channel (a channel
+that a flatten spreads over ``H*W`` dense inputs gives those). The *response* is that
+consumer's output, flattened to ``(N, R)``: what "preserve the layer's output" means in
+HSIC-lasso pruning (APIB) and in the class-wise responses of sGLP-IB (METHODS.md, R2).
+
+Both are captured in one compiled forward pass: the model's traced program
+(:func:`ib_lasso_jax.coupling.trace_channels`) is given extra outputs, the intermediate
+arrays themselves, so no model needs hooks. Passes stream over batches and are packed under
+a memory budget, so a deep network's features never all live in memory at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ib_lasso_jax import coupling
+
+try:
+    from jax.extend import core as jcore
+except ImportError:  # pragma: no cover
+    from jax import core as jcore  # type: ignore
+
+__all__ = [
+    "GroupFeatures",
+    "collect_features",
+    "iter_features",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupFeatures:
+    """One channel group's calibration features.
+
+    Attributes:
+      group: the channel group's name.
+      consumer: the layer whose input holds the features and whose output is the response.
+      features: ``(N, C, D)`` float32 array, channel-major.
+      response: ``(N, R)`` float32 array, the consumer's flattened output.
+    """
+
+    group: str
+    consumer: str
+    features: np.ndarray
+    response: np.ndarray
+
+
+def _per_sample_bytes(obs: coupling.Observation) -> int:
+    lhs = math.prod(obs.lhs.aval.shape[1:])
+    out = math.prod(obs.out.aval.shape[1:])
+    c, r = obs.positions.shape
+    # The group's share of the consumer input plus the whole response.
+    return 4 * (lhs * (c * r) // obs.lhs.aval.shape[obs.axis] + out)
+
+
+def _capture_fn(graph: coupling.ChannelGraph, observations: Sequence[coupling.Observation]):
+    closed = graph.jaxpr
+    wanted = []
+    for o in observations:
+        for v in (o.lhs, o.out):
+            if all(v is not w for w in wanted):
+                wanted.append(v)
+    jaxpr = closed.jaxpr.replace(outvars=list(wanted), debug_info=closed.jaxpr.debug_info)
+    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
+    return jax.jit(lambda leaves, x: fn(*leaves, x)), wanted
+
+
+def _extract(obs: coupling.Observation, lhs: np.ndarray) -> np.ndarray:
+    """``(B, ..., channels axis, ...)`` -> ``(B, C, D)`` for the group's channels."""
+    x = np.moveaxis(lhs, obs.axis, -1)  # (B, *spatial, positions)
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1])  # (B, S, positions)
+    c, r = obs.positions.shape
+    x = x[:, :, obs.positions.reshape(-1)]  # (B, S, C*r)
+    x = x.reshape(b, -1, c, r).transpose(0, 2, 1, 3)  # (B, C, S, r)
+    return x.reshape(b, c, -1)
+
+
+def iter_features(
+    model: nnx.Module,
+    images: np.ndarray,
+    groups: Sequence[str] | None = None,
+    *,
+    policy: str = "inner",
+    batch_size: int = 128,
+    max_bytes: int = 2**30,
+    progress: bool = False,
+) -> Iterator[GroupFeatures]:
+    """Yield :class:`GroupFeatures` group by group, in forward passes packed under ``max_bytes``.
+
+    Args:
+      model: the model (BatchNorm runs on its running statistics).
+      images: ``(N, *input_shape)`` calibration inputs, already normalised.
+      groups: group names; default: every group prunable under ``policy``.
+      policy: residual policy used to pick the default groups.
+      batch_size: examples per forward pass.
+      max_bytes: memory budget for the features held at once (one group always fits).
+      progress: show a tqdm bar over passes.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (N, ...); got shape {images.shape}")
+    bad = int((~np.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"images contain {bad} NaN or infinite values; calibration inputs must be finite")
+    n = images.shape[0]
+    bs = min(int(batch_size), n)
+    graph = coupling.trace_channels(model, images.shape[1:], batch=bs, strict=False)
+    if groups is None:
+        groups = list(graph.prunable(policy))
+    observations = [graph.observation(g) for g in groups]
+
+    # Pack groups into passes under the memory budget.
+    passes, current, used = [], [], 0
+    for o in observations:
+        need = _per_sample_bytes(o) * n
+        if current and used + need > max_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(o)
+        used += need
+    if current:
+        passes.append(current)
+
+    _, state = nnx.split(model)
+    leaves = jax.tree_util.tree_leaves(state)
+    bar = tqdm(total=len(passes) * math.ceil(n / bs), desc="calibration features", disable=not progress)
+    for group_pass in passes:
+        fn, wanted = _capture_fn(graph, group_pass)
+        feats = {o.group: [] for o in group_pass}
+        resp = {o.group: [] for o in group_pass}
+        for start in range(0, n, bs):
+            x = images[start : start + bs]
+            real = x.shape[0]
+            if real < bs:  # keep one compiled shape: pad the last batch, then drop the padding
+                x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
+            outs = [np.asarray(a)[:real] for a in fn(leaves, x)]
+            by_var = {id(v): a for v, a in zip(wanted, outs)}
+            for o in group_pass:
+                feats[o.group].append(_extract(o, by_var[id(o.lhs)]))
+                resp[o.group].append(by_var[id(o.out)].reshape(real, -1))
+            bar.update(1)
+        for o in group_pass:
+            f = np.concatenate(feats.pop(o.group)).astype(np.float32)
+            r = np.concatenate(resp.pop(o.group)).astype(np.float32)
+            for what, arr in (("features", f), ("response", r)):
+                bad = int((~np.isfinite(arr)).sum())
+                if bad:
+                    raise ValueError(
+                        f"calibration {what} of group {o.group!r} (at {o.consumer}) contain {bad} NaN or infinite "
+                        "values; check the model's weights and the input normalisation"
+                    )
+            yield GroupFeatures(o.group, o.consumer, f, r)
+    bar.close()
+
+
+def collect_features(model: nnx.Module, images: np.ndarray, groups: Sequence[str] | None = None,
+                     **kwargs) -> dict[str, GroupFeatures]:
+    """All requested groups' features at once (see :func:`iter_features` for arguments)."""
+    return {gf.group: gf for gf in iter_features(model, images, groups, **kwargs)}

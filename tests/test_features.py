@@ -1,0 +1,65 @@
+"""Calibration features equal the intermediate arrays computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import randomise_batchnorm
+from ib_lasso_jax.features import collect_features, iter_features
+from ib_lasso_jax.models import create
+
+
+def test_lenet_features_match_manual_forward():
+    model = create("lenet5", rngs=3)
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(7, 28, 28, 1)).astype(np.float32)
+    feats = collect_features(model, x, batch_size=4)  # 7 = 4 + 3: exercises the padded last batch
+    # By hand: conv1 -> relu -> pool is conv2's input; conv2's output is the response.
+    h = jax.nn.relu(model.conv1(x))
+    h = np.asarray(jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))
+    f = feats["conv1"]
+    assert f.consumer == "conv2"
+    assert f.features.shape == (7, 6, 14 * 14)
+    np.testing.assert_allclose(f.features, h.transpose(0, 3, 1, 2).reshape(7, 6, -1), atol=1e-5)
+    np.testing.assert_allclose(f.response, np.asarray(model.conv2(h)).reshape(7, -1), atol=1e-4)
+    # conv2's channels reach fc1 through a flatten: 25 positions per channel.
+    f2 = feats["conv2"]
+    assert f2.features.shape == (7, 16, 25) and f2.response.shape == (7, 120)
+
+
+def test_resnet_inner_features_are_post_bn_relu():
+    model = randomise_batchnorm(create("resnet20", rngs=1))
+    model.eval()
+    x = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    name = "layer1/0/conv1"
+    f = collect_features(model, x, [name])[name]
+    stem = jax.nn.relu(model.stem_bn(model.stem_conv(x)))
+    block = model.layer1[0]
+    assert f.consumer == "layer1/0/conv2"
+    assert f.features.shape == (3, 16, 32 * 32)
+    inner = np.asarray(jax.nn.relu(block.bn1(block.conv1(stem))))
+    np.testing.assert_allclose(f.features, inner.transpose(0, 3, 1, 2).reshape(3, 16, -1), atol=1e-4)
+    np.testing.assert_allclose(f.response, np.asarray(block.conv2(inner)).reshape(3, -1), atol=1e-4)
+
+
+def test_memory_budget_splits_passes_but_not_results():
+    model = create("lenet5")
+    model.eval()
+    x = np.random.default_rng(2).normal(size=(5, 28, 28, 1)).astype(np.float32)
+    one = collect_features(model, x)
+    many = list(iter_features(model, x, max_bytes=1))  # one group per pass
+    assert [g.group for g in many] == list(one)
+    for g in many:
+        np.testing.assert_array_equal(g.features, one[g.group].features)
+
+
+def test_nan_inputs_and_features_are_reported():
+    model = create("lenet5")
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    x[0, 3, 3, 0] = np.nan
+    with pytest.raises(ValueError, match="images contain 1 NaN"):
+        collect_features(model, x)
+    model.conv1.bias.set_value(jnp.full((6,), jnp.inf))  # a broken weight
+    with pytest.raises(ValueError, match="group 'conv1'.*NaN or infinite"):
+        collect_features(model, np.zeros((2, 28, 28, 1), np.float32))
