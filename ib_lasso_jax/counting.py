@@ -35,6 +35,7 @@ __all__ = [
     "Counts",
     "LayerCount",
     "count",
+    "count_masked",
     "format_table",
     "human",
 ]
@@ -122,6 +123,38 @@ def count(model: nnx.Module, input_shape: tuple[int, ...] | None = None,
     total = sum(sizes.values())
     in_layers = sum(r.params for r in rows)
     return Counts(total, sum(r.flops for r in rows), tuple(rows), total - in_layers)
+
+
+def count_masked(model: nnx.Module, graph: coupling.ChannelGraph, masks, policy: str = "inner") -> tuple[int, int]:
+    """``(params, flops)`` the model would have after :func:`ib_lasso_jax.surgery.apply_masks`.
+
+    Exact and cheap (no rebuild, no trace): a parameter's size is the product of its axes'
+    kept sizes, and a conv/dense layer's MACs scale with its kept input and output
+    channels. This is what target searches call at every step.
+    """
+    keeps = graph.keep_vectors(masks, policy)
+    kept = {}
+    for (p, axis), k in keeps.items():
+        kept.setdefault(p, {})[axis] = int(k.sum())
+    params = nnx.state(model, nnx.Param)
+    total = 0
+    for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]:
+        p = coupling.path_str(kp)
+        shape = list(np.shape(v))
+        for axis, n in kept.get(p, {}).items():
+            shape[axis] = n
+        total += int(np.prod(shape))
+    flops = 0
+    for op in graph.layers:
+        shape = graph.param_shapes.get(op.kernel)
+        if shape is None:
+            flops += op.macs
+            continue
+        scale = 1.0
+        for axis, n in kept.get(op.kernel, {}).items():
+            scale *= n / shape[axis]
+        flops += int(round(op.macs * scale))
+    return total, flops
 
 
 def human(n: float) -> str:

@@ -80,6 +80,8 @@ def test_surgery_equals_masked_original(name, policy):
     c_rebuilt = counting.count(nnx.eval_shape(lambda: create(
         name, model.spec.num_classes, model.spec.input_shape, small.spec.widths)))
     assert (c_small.params, c_small.flops) == (c_rebuilt.params, c_rebuilt.flops)
+    # ... and the cheap estimate used by target searches agrees exactly.
+    assert counting.count_masked(model, graph, masks, policy) == (c_small.params, c_small.flops)
     assert c_small.flops < counting.count(model).flops
     # Each prunable group kept exactly its mask's channels.
     g_small = trace_channels(small)
