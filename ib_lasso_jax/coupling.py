@@ -824,6 +824,23 @@ class ChannelGraph:
             out[name] = m
         return out
 
+    def channel_positions(self, group: str, param: str, axis: int) -> np.ndarray:
+        """``(group.size, r)`` indices along ``param``'s ``axis`` holding each of the group's channels.
+
+        ``r`` is 1 for a conv/BatchNorm axis and ``H*W`` for a dense input after a flatten.
+        Raises if the axis does not hold every channel of the group the same number of times.
+        """
+        space = self._group_space[group]
+        rs, rp = self._resolve(self.space_of(param, axis))
+        sel = rs == space
+        idx = self._own_index[space][rp[sel]]
+        size = self.groups[group].size
+        per = np.bincount(idx, minlength=size)
+        if per.min() == 0 or (per != per[0]).any():
+            raise ValueError(f"{param!r} axis {axis} does not hold every channel of group {group!r} equally")
+        pos = np.flatnonzero(sel)[np.argsort(idx, kind="stable")]
+        return pos.reshape(size, per[0])
+
     def observation(self, group: str) -> "Observation":
         """Where to observe ``group``'s channels: the input of its first consumer.
 

@@ -47,12 +47,15 @@ class GroupFeatures:
       consumer: the layer whose input holds the features and whose output is the response.
       features: ``(N, C, D)`` float32 array, channel-major.
       response: ``(N, R)`` float32 array, the consumer's flattened output.
+      map_shape: the shape of one channel's map, ``(H, W)`` for a conv consumer; after a
+        flatten, ``(r,)`` with ``r = H*W`` (the spatial layout is gone).
     """
 
     group: str
     consumer: str
     features: np.ndarray
     response: np.ndarray
+    map_shape: tuple[int, ...] = ()
 
 
 def _per_sample_bytes(obs: coupling.Observation) -> int:
@@ -160,7 +163,10 @@ def iter_features(
                         f"calibration {what} of group {o.group!r} (at {o.consumer}) contain {bad} NaN or infinite "
                         "values; check the model's weights and the input normalisation"
                     )
-            yield GroupFeatures(o.group, o.consumer, f, r)
+            spatial = tuple(s for i, s in enumerate(o.lhs.aval.shape) if i not in (0, o.axis))
+            per = o.positions.shape[1]
+            map_shape = spatial if per == 1 else spatial + (per,)
+            yield GroupFeatures(o.group, o.consumer, f, r, map_shape)
     bar.close()
 
 

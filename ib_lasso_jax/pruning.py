@@ -1,0 +1,372 @@
+"""One entry point for every pruning method: ``prune(model, calibration, method, target)``.
+
+A method is a small *scoring rule* or *selection rule* plugged into one path::
+
+    calibration data -> (features) -> per-group scores or masks -> target search -> keep
+    masks -> surgery -> report
+
+Score-based methods (``l1-norm``, ``bn-scale``, ``hrank``, ``random``) rank the channels of
+each group; one global knob, the keep ratio applied to every group (with a per-layer floor),
+is bisected until the pruned network's FLOPs (or params) reduction hits the target within
+tolerance. Methods that choose the channels themselves as a function of one global
+parameter (the structured-lasso methods' lambda) register a ``select(knob) -> masks``
+rule and go through the same search.
+
+Targets are *reductions*: ``target_flops=0.6`` removes 60% of the FLOPs (the papers'
+"FLOPs -61%"). Or give ``keep_ratios`` (one float, or a ratio per group) explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import nnx
+
+from ib_lasso_jax import counting, coupling, surgery
+
+__all__ = [
+    "MethodContext",
+    "PruneReport",
+    "available_methods",
+    "floor_counts",
+    "masks_from_scores",
+    "prune",
+    "refine_to_target",
+    "register_method",
+    "search_knob",
+]
+
+
+@dataclasses.dataclass
+class MethodContext:
+    """What a method sees: the model, its channel graph and the calibration data."""
+
+    model: nnx.Module
+    graph: coupling.ChannelGraph
+    groups: dict[str, coupling.ChannelGroup]
+    images: np.ndarray | None
+    labels: np.ndarray | None
+    policy: str
+    floors: dict[str, int]
+    rng: np.random.Generator
+    options: dict[str, Any]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # method -> report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Method:
+    name: str
+    needs_data: bool
+    # Either scores(ctx) -> {group: scores} or selector(ctx) -> (select(knob) -> masks, lo, hi)
+    scores: Callable[[MethodContext], dict[str, np.ndarray]] | None
+    selector: Callable[[MethodContext], Any] | None
+    description: str
+
+
+_METHODS: dict[str, _Method] = {}
+
+
+def register_method(name: str, *, scores=None, selector=None, needs_data: bool = True, description: str = ""):
+    """Register a pruning method by a scoring rule or a selection rule (exactly one)."""
+    if (scores is None) == (selector is None):
+        raise ValueError("register_method needs exactly one of scores= or selector=")
+    if name in _METHODS:
+        raise ValueError(f"pruning method {name!r} is already registered")
+    _METHODS[name] = _Method(name, needs_data, scores, selector, description)
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _load_builtin_methods():
+    from ib_lasso_jax.methods import baselines  # noqa: F401  (registers on import)
+
+    try:
+        from ib_lasso_jax.methods import ib_lasso  # noqa: F401
+    except ImportError:  # the structured-lasso engine is optional until it lands
+        pass
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What pruning did, for people (``to_markdown``) and programs (``to_dict``)."""
+
+    method: str
+    policy: str
+    target: dict[str, Any]
+    knob: float | None
+    groups: dict[str, dict[str, int]]  # name -> {"before": n, "after": k}
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    seconds: float
+    info: dict[str, Any]
+    widths_before: Any = None
+    widths_after: Any = None
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["flops_reduction"] = self.flops_reduction
+        d["params_reduction"] = self.params_reduction
+        return d
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"## Pruning report: {self.method} (policy {self.policy})",
+            "",
+            f"- target: {self.target}",
+            f"- params: {counting.human(self.params_before)} -> {counting.human(self.params_after)} "
+            f"(-{100 * self.params_reduction:.1f}%)",
+            f"- FLOPs: {counting.human(self.flops_before)} -> {counting.human(self.flops_after)} "
+            f"(-{100 * self.flops_reduction:.1f}%)",
+            f"- search knob: {self.knob}",
+            f"- time: {self.seconds:.1f} s",
+            "",
+            "| group | channels before | after |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {n} | {g['before']} | {g['after']} |" for n, g in self.groups.items()]
+        return "\n".join(lines) + "\n"
+
+
+def floor_counts(groups: Mapping[str, coupling.ChannelGroup], floor: int | float) -> dict[str, int]:
+    """Per-group minimum channels: an int count, or a fraction of each group (at least 1)."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or floor < 0:
+        raise ValueError(f"floor must be a non-negative int (channels) or a fraction in [0, 1); got {floor!r}")
+    if isinstance(floor, float) and floor >= 1:
+        raise ValueError(f"a fractional floor must be below 1; got {floor!r}")
+    out = {}
+    for n, g in groups.items():
+        k = int(floor) if isinstance(floor, int) else math.ceil(floor * g.size)
+        out[n] = min(g.size, max(1, k))
+    return out
+
+
+def masks_from_scores(scores: Mapping[str, np.ndarray], ratio: float | Mapping[str, float],
+                      floors: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Keep the top ``ceil(ratio * size)`` channels of each group by score (ties: lower index)."""
+    masks = {}
+    for n, s in scores.items():
+        r = ratio[n] if isinstance(ratio, Mapping) else ratio
+        k = min(len(s), max(floors[n], math.ceil(r * len(s) - 1e-9)))
+        order = np.lexsort((np.arange(len(s)), -np.asarray(s, np.float64)))
+        m = np.zeros(len(s), bool)
+        m[order[:k]] = True
+        masks[n] = m
+    return masks
+
+
+def search_knob(measure: Callable[[float], float], target: float, lo: float, hi: float, *,
+                tol: float = 0.01, increasing: bool = True, max_iter: int = 60, log: bool = False):
+    """Bisect a scalar knob until ``measure(knob)`` (a reduction) is within ``tol`` of ``target``.
+
+    ``measure`` must be monotone in the knob (``increasing``: larger knob, larger
+    reduction). Returns ``(knob, value, iterations)``; the best knob found if the exact
+    tolerance is unreachable (a step function, e.g. integer channel counts).
+    """
+    f = (lambda k: measure(math.exp(k))) if log else measure
+    a, b = (math.log(lo), math.log(hi)) if log else (lo, hi)
+    best = None
+    for it in range(1, max_iter + 1):
+        mid = 0.5 * (a + b)
+        val = f(mid)
+        if best is None or abs(val - target) < abs(best[1] - target):
+            best = (mid, val)
+        if abs(val - target) <= tol * max(target, 1e-12):
+            break
+        if (val < target) == increasing:
+            a = mid
+        else:
+            b = mid
+    knob = math.exp(best[0]) if log else best[0]
+    return knob, best[1], it
+
+
+def refine_to_target(masks, scores, reduction, target: float, tol: float, max_rounds: int = 50):
+    """Nudge masks channel by channel until ``reduction(masks)`` is within ``tol`` of ``target``.
+
+    A uniform keep ratio moves every group at once, so the reduction it reaches is a step
+    function with steps of a few percent on narrow networks. Starting from the masks the
+    search found, add back (or remove) single channels, best (or worst) score first, in the
+    group whose one-channel change moves the reduction least, until within tolerance.
+    """
+    masks = {n: m.copy() for n, m in masks.items()}
+    current = reduction(masks)
+    for _ in range(max_rounds):
+        if abs(current - target) <= tol * target:
+            break
+        add = current > target
+        best = None
+        for n, m in masks.items():
+            cand = np.flatnonzero(~m) if add else np.flatnonzero(m)
+            if add and cand.size == 0 or (not add and m.sum() <= 1):
+                continue
+            s = np.asarray(scores[n])[cand]
+            i = cand[np.argmax(s)] if add else cand[np.argmin(s)]
+            trial = dict(masks)
+            trial[n] = m.copy()
+            trial[n][i] = add
+            value = reduction(trial)
+            gap = abs(value - target)
+            if best is None or gap < best[0]:
+                best = (gap, n, trial[n], value)
+        if best is None or best[0] >= abs(current - target):
+            break
+        masks[best[1]], current = best[2], best[3]
+    return masks
+
+
+def prune(
+    model: nnx.Module,
+    calibration: tuple[np.ndarray, np.ndarray] | None,
+    method: str,
+    *,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    keep_ratios: float | Mapping[str, float] | None = None,
+    policy: str = "inner",
+    floor: int | float = 0.05,
+    tolerance: float = 0.01,
+    seed: int = 0,
+    **options: Any,
+) -> tuple[nnx.Module, PruneReport]:
+    """Prune ``model`` with ``method`` to a target; returns ``(smaller_model, report)``.
+
+    Args:
+      model: a zoo model (or any NNX model of supported layers), typically in eval mode.
+      calibration: ``(images, labels)``, class-balanced (see
+        :func:`ib_lasso_jax.data.calibration_set`); may be ``None`` for data-free methods.
+      method: a registered method name (see :func:`available_methods`).
+      target_flops: fraction of FLOPs to remove, in (0, 1).
+      target_params: fraction of params to remove, in (0, 1).
+      keep_ratios: explicit keep ratio (one float for every group, or per group name).
+      policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``.
+      floor: minimum channels kept per group: an int, or a fraction of the group.
+      tolerance: relative tolerance on the target (0.01: within 1%).
+      seed: for methods that draw random numbers.
+      **options: method-specific options.
+
+    Returns:
+      The physically smaller model and a :class:`PruneReport`.
+    """
+    t0 = time.perf_counter()
+    _load_builtin_methods()
+    if method not in _METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods are: {', '.join(sorted(_METHODS))}")
+    given = [k for k, v in (("target_flops", target_flops), ("target_params", target_params),
+                            ("keep_ratios", keep_ratios)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of target_flops, target_params, keep_ratios; got {given or 'none'}")
+    for name, value in (("target_flops", target_flops), ("target_params", target_params)):
+        if value is not None and not (0.0 < float(value) < 1.0):
+            raise ValueError(f"{name} is the fraction to remove and must be in (0, 1); got {value!r}")
+    spec = _METHODS[method]
+    graph = coupling.trace_channels(model, strict=False)
+    groups = graph.prunable(policy)
+    if not groups:
+        raise ValueError(f"model has no channel group prunable under policy={policy!r}")
+    images = labels = None
+    if calibration is not None:
+        images, labels = (np.asarray(a) for a in calibration)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"calibration images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in number")
+    elif spec.needs_data:
+        raise ValueError(f"method {method!r} needs calibration data (images, labels)")
+    floors = floor_counts(groups, floor)
+    ctx = MethodContext(model, graph, groups, images, labels, policy, floors,
+                        np.random.default_rng(seed), dict(options))
+    params0, flops0 = counting.count_masked(model, graph, {}, policy)
+
+    def reduction(masks):
+        p, f = counting.count_masked(model, graph, masks, policy)
+        return (1 - f / flops0) if target_params is None else (1 - p / params0)
+
+    knob = None
+    if spec.scores is not None:
+        scores = spec.scores(ctx)
+        _check_scores(scores, groups, method)
+        if keep_ratios is not None:
+            if isinstance(keep_ratios, Mapping):
+                unknown = set(keep_ratios) - set(groups)
+                if unknown:
+                    raise ValueError(f"keep_ratios names unknown groups {sorted(unknown)}; valid: {', '.join(groups)}")
+                ratios = {n: float(keep_ratios.get(n, 1.0)) for n in groups}
+            else:
+                ratios = float(keep_ratios)
+            for r in (ratios.values() if isinstance(ratios, dict) else [ratios]):
+                if not 0.0 < r <= 1.0:
+                    raise ValueError(f"keep ratios must be in (0, 1]; got {r!r}")
+            masks = masks_from_scores(scores, ratios, floors)
+        else:
+            target = float(target_flops if target_flops is not None else target_params)
+            most = reduction(masks_from_scores(scores, 0.0, floors))
+            if most < target * (1 - tolerance):
+                raise ValueError(
+                    f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): keeping only the "
+                    f"floor removes {most:.3f}; lower the target or the floor"
+                )
+            knob, _, iters = search_knob(lambda r: reduction(masks_from_scores(scores, r, floors)), target,
+                                         0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
+            masks = masks_from_scores(scores, knob, floors)
+            masks = refine_to_target(masks, scores, reduction, target, tolerance)
+            ctx.info["search_iterations"] = iters
+    else:
+        select, lo, hi, log = spec.selector(ctx)
+        if keep_ratios is not None:
+            raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops or target_params")
+        target = float(target_flops if target_flops is not None else target_params)
+        most = reduction(select(hi))
+        if most < target * (1 - tolerance):
+            raise ValueError(
+                f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): the strongest setting "
+                f"removes {most:.3f}; lower the target or the floor"
+            )
+        knob, _, iters = search_knob(lambda k: reduction(select(k)), target, lo, hi, tol=tolerance,
+                                     increasing=True, log=log)
+        masks = select(knob)
+        ctx.info["search_iterations"] = iters
+
+    small = surgery.apply_masks(model, masks, policy, graph)
+    params1, flops1 = counting.count_masked(model, graph, masks, policy)
+    report = PruneReport(
+        method=method,
+        policy=policy,
+        target={k: v for k, v in (("flops", target_flops), ("params", target_params),
+                                   ("keep_ratios", keep_ratios)) if v is not None},
+        knob=knob,
+        groups={n: {"before": g.size, "after": int(masks[n].sum()) if n in masks else g.size}
+                for n, g in groups.items()},
+        params_before=params0,
+        params_after=params1,
+        flops_before=flops0,
+        flops_after=flops1,
+        seconds=time.perf_counter() - t0,
+        info=ctx.info,
+        widths_before=getattr(getattr(model, "spec", None), "widths", None),
+        widths_after=getattr(getattr(small, "spec", None), "widths", None),
+    )
+    return small, report
+
+
+def _check_scores(scores, groups, method):
+    for n, g in groups.items():
+        if n not in scores:
+            raise ValueError(f"method {method!r} gave no scores for group {n!r}")
+        s = np.asarray(scores[n])
+        if s.shape != (g.size,) or not np.isfinite(s).all():
+            raise ValueError(f"method {method!r}: scores for group {n!r} must be {g.size} finite numbers; got {s.shape}")

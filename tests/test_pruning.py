@@ -1,0 +1,87 @@
+"""The common pruning path: targets, floors, baselines, reports, errors."""
+
+import numpy as np
+import pytest
+
+from conftest import randomise_batchnorm
+from ib_lasso_jax import counting
+from ib_lasso_jax.methods.baselines import l1_norm_scores
+from ib_lasso_jax.models import create
+from ib_lasso_jax.pruning import MethodContext, available_methods, masks_from_scores, prune, search_knob
+from ib_lasso_jax.coupling import trace_channels
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    m = randomise_batchnorm(create("resnet20", rngs=0))
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(20, 32, 32, 3)).astype(np.float32), np.arange(20) % 10
+
+
+@pytest.mark.parametrize("method", ["l1-norm", "bn-scale", "random", "hrank"])
+@pytest.mark.parametrize("policy", ["inner", "coupled"])
+def test_baselines_hit_flops_target(resnet20, calib, method, policy):
+    small, report = prune(resnet20, calib, method, target_flops=0.5, policy=policy)
+    assert abs(report.flops_reduction - 0.5) <= 0.01 * 0.5
+    c = counting.count(small)
+    assert (c.params, c.flops) == (report.params_after, report.flops_after)
+    assert report.params_before == counting.count(resnet20).params
+    assert all(g["after"] >= 1 for g in report.groups.values())
+    assert "| group |" in report.to_markdown()
+
+
+def test_params_target_and_keep_ratios(resnet20, calib):
+    _, r = prune(resnet20, calib, "l1-norm", target_params=0.3)
+    assert abs(r.params_reduction - 0.3) <= 0.003
+    small, r = prune(resnet20, None, "l1-norm", keep_ratios=0.5)
+    assert all(g["after"] == g["before"] // 2 for g in r.groups.values())
+
+
+def test_l1_scores_are_filter_norms(resnet20):
+    graph = trace_channels(resnet20)
+    ctx = MethodContext(resnet20, graph, graph.prunable("inner"), None, None, "inner", {}, np.random.default_rng(0), {})
+    scores = l1_norm_scores(ctx)
+    k = np.asarray(resnet20.layer1[0].conv1.kernel.get_value())
+    np.testing.assert_allclose(scores["layer1/0/conv1"], np.abs(k).sum(axis=(0, 1, 2)), rtol=1e-6)
+
+
+def test_floor_is_respected(resnet20, calib):
+    _, r = prune(resnet20, calib, "random", target_flops=0.6, floor=6)
+    assert min(g["after"] for g in r.groups.values()) >= 6
+
+
+def test_masks_from_scores_ties_and_floor():
+    m = masks_from_scores({"a": np.array([1.0, 3.0, 3.0, 0.5])}, 0.5, {"a": 1})
+    assert m["a"].tolist() == [False, True, True, False]
+    m = masks_from_scores({"a": np.array([1.0, 3.0, 3.0, 0.5])}, 0.0, {"a": 1})
+    assert m["a"].tolist() == [False, True, False, False]
+
+
+def test_search_knob_monotone():
+    knob, value, _ = search_knob(lambda k: k ** 2, 0.25, 0.0, 1.0, tol=1e-6)
+    assert abs(knob - 0.5) < 1e-5 and abs(value - 0.25) < 1e-6
+
+
+def test_errors(resnet20, calib):
+    with pytest.raises(ValueError, match="unknown pruning method 'magic'.*l1-norm"):
+        prune(resnet20, calib, "magic", target_flops=0.5)
+    with pytest.raises(ValueError, match=r"target_flops .* must be in \(0, 1\); got 1.5"):
+        prune(resnet20, calib, "l1-norm", target_flops=1.5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        prune(resnet20, calib, "l1-norm", target_flops=0.5, target_params=0.5)
+    with pytest.raises(ValueError, match="cannot be met under the per-layer floor"):
+        prune(resnet20, calib, "l1-norm", target_flops=0.95, floor=0.5)
+    with pytest.raises(ValueError, match="unknown residual policy"):
+        prune(resnet20, calib, "l1-norm", target_flops=0.5, policy="all")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune(resnet20, None, "hrank", target_flops=0.5)
+
+
+def test_registry_lists_baselines():
+    assert {"l1-norm", "bn-scale", "hrank", "random"} <= set(available_methods())
