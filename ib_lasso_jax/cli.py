@@ -4,6 +4,9 @@ Subcommands:
   count    per-layer params/FLOPs table of a zoo model (or a saved checkpoint)
   models   the model zoo with default widths' params and FLOPs
   groups   the prunable channel groups of a model under a residual policy
+  train    train a zoo model from an experiment config (resumes in the same workdir)
+  finetune finetune a saved (e.g. pruned) model with an experiment config
+  evaluate top-1 (and top-5) accuracy of a saved model on a data set
 """
 
 from __future__ import annotations
@@ -79,6 +82,79 @@ def _cmd_groups(args) -> int:
     return 0
 
 
+def _experiment_configs():
+    """The ``experiments/configs`` package of the repository, loaded by path."""
+    import importlib.util
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "__init__.py"
+    if not init.is_file():
+        raise ValueError(f"cannot find the experiment configs (looked for {str(init)!r}); "
+                         "pass --config PATH.py or run from a source checkout")
+    spec = importlib.util.spec_from_file_location("ib_lasso_experiment_configs", init)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_config(args):
+    from ib_lasso_jax.training import TrainConfig
+
+    config = _experiment_configs().load(args.config) if args.config else TrainConfig()
+    config = config.override(args.set or [])
+    if args.no_progress:
+        config = config.replace(progress=False)
+    return config
+
+
+def _print_result(result, as_json):
+    m = result.metrics
+    if as_json:
+        print(json.dumps(m))
+    else:
+        top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
+        print(f"step {m['step']}: eval accuracy {m['accuracy']:.4f}{top5}, loss {m['loss']:.4f} "
+              f"(best {m['best_accuracy']:.4f} at step {m['best_step']}); model saved in {result.workdir / 'model'}")
+
+
+def _cmd_train(args) -> int:
+    from ib_lasso_jax import parallel, training
+
+    parallel.maybe_initialize_distributed()
+    config = _load_config(args)
+    _print_result(training.train_and_evaluate(config, args.workdir), args.json)
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from ib_lasso_jax import checkpoint, parallel, training
+
+    parallel.maybe_initialize_distributed()
+    config = _load_config(args)
+    model = checkpoint.restore_model(args.checkpoint)
+    shape = tuple(model.spec.input_shape)
+    if config.image_size is None:  # the saved model fixes the input size
+        config = config.replace(image_size=int(shape[0]))
+    _print_result(training.finetune(model, config, args.workdir), args.json)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from ib_lasso_jax import checkpoint, training
+    from ib_lasso_jax.data import load_dataset
+
+    model = checkpoint.restore_model(args.checkpoint)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
+    metrics = training.evaluate(model, dataset, args.split, args.batch_size)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+        print(f"{model.spec.name} on {args.dataset} {args.split or 'eval split'} ({metrics['num_examples']} examples): "
+              f"accuracy {metrics['accuracy']:.4f}{top5}, loss {metrics['loss']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
 
@@ -106,6 +182,32 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--policy", default="inner", choices=["inner", "coupled"])
     p.set_defaults(func=_cmd_groups)
+
+    def train_args(p):
+        p.add_argument("--config", help="experiment config: a name in experiments/configs or a .py path")
+        p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field (JSON value), e.g. --set learning_rate=0.05; repeatable")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+
+    p = sub.add_parser("train", help="train a zoo model from an experiment config")
+    train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("finetune", help="finetune a saved (e.g. pruned) model")
+    train_args(p)
+    p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model)")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy of a saved model")
+    p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model)")
+    p.add_argument("--dataset", required=True, help="data set name, e.g. mnist5k, cifar10")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--split", help="split (default: the data set's eval split)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
