@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -231,6 +232,7 @@ def tree_group_lasso_penalty(x: jax.Array, tree: ClassTree) -> jax.Array:
     return jnp.sum(jnp.sqrt(sq) * jnp.asarray(tree.weights, x.dtype))
 
 
+@jax.jit
 def prox_tree_group_lasso(x: jax.Array, hyperparams: Any, scaling: float = 1.0) -> jax.Array:
     """Prox of L1 + tree-guided group lasso over classes, row by row (exact).
 
@@ -353,6 +355,7 @@ def _default_prox_tol(dtype) -> float:
     return 1e-7 if jnp.finfo(dtype).bits >= 64 else 1e-3
 
 
+@functools.partial(jax.jit, static_argnames=("nonneg", "maxiter", "tol"))
 def prox_graph_fused_lasso_info(
     x: jax.Array,
     hyperparams: Any,
@@ -414,6 +417,7 @@ def prox_graph_fused_lasso_info(
     return xp, GraphProxInfo(u, k, gap)
 
 
+@functools.partial(jax.jit, static_argnames=("nonneg", "maxiter", "tol"))
 def prox_graph_fused_lasso(
     x: jax.Array,
     hyperparams: Any,

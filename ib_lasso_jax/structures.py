@@ -319,10 +319,11 @@ def class_tree(profiles, method: str = "average") -> ClassTree:
             parents[a] = parents[b] = v
             heights[v] = h
         top = heights[-1]
-        # identical profiles everywhere: every merge at distance 0 -> all heights 0 (pure
-        # group lasso on the root, which then carries weight 1)
-        heights = heights / top if top > 0 else np.zeros(n)
-        heights[-1] = 1.0 if top > 0 else 0.0
+        # identical profiles everywhere (every merge at distance ~0): all heights 0, i.e. a
+        # pure group lasso on the root, which then carries weight 1
+        flat = top <= 1e-12
+        heights = np.zeros(n) if flat else heights / top
+        heights[-1] = 0.0 if flat else 1.0
     weights = _kim_xing_weights(parents, heights)
     return _make_tree(masks, weights, heights, parents)
 
