@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import warnings
+
 import jax
-import jaxopt
+
+with warnings.catch_warnings():
+    # jaxopt warns on import that it is unmaintained: known, and the reason this adapter exists
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import jaxopt
 
 __all__ = ["proximal_gradient_run"]
 
