@@ -4,7 +4,8 @@ Command::
 
     ib-lasso train --config mnist5k_lenet --workdir runs/mnist5k_lenet
 
-Runtime: about 1 minute on 2 CPU cores (620 steps); expected test accuracy about 97%.
+Runtime: about 70 s on 2 (shared) CPU cores (620 steps); measured test accuracy 96.3%
+(best epoch 96.9%).
 """
 
 from ib_lasso_jax.training import TrainConfig
