@@ -286,3 +286,13 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert metrics["num_examples"] == 360
     assert main(["train", "--config", "mnist5k_lenet", "--workdir", str(tmp_path / "y"), "--set", "optimizer=lamb"]) == 2
     assert "config.optimizer='lamb'" in capsys.readouterr().err
+
+
+def test_checkpoint_retention_keeps_last_n_and_best(tmp_path):
+    model = models.create("lenet5", 10, (16, 16, 1), TINY_LENET)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.1, momentum=0.9)
+    for step in range(1, 6):
+        training._save_checkpoint(tmp_path, step, params, rest, tx.init(params), {"data": {"epoch": 0, "step": step}},
+                                  keep=2, best_step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000002", "ckpt_000000004", "ckpt_000000005"]
