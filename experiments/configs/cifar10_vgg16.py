@@ -9,7 +9,7 @@ Needs CIFAR-10 prepared for TFDS (nothing is downloaded here)::
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
     ib-lasso train --config cifar10_vgg16 --workdir runs/cifar10_vgg16 --set data_dir=\\"$DATA\\"
 
-Runtime: about 1.5 hours on one H100-class GPU (78k steps); days on a CPU (use
+Runtime: estimated (not measured) 1.5 hours on one H100-class GPU (78k steps); days on a CPU (use
 ``--set smoke=true`` to check the setup in a minute).
 """
 

@@ -4,8 +4,8 @@ Command::
 
     ib-lasso train --config mnist5k_resnet20 --workdir runs/mnist5k_resnet20
 
-Runtime: about 10 minutes on 2 CPU cores (15 epochs, 465 steps); well under a minute on
-one GPU. Expected test accuracy about 98%.
+Runtime: estimated 20-30 minutes on 2 CPU cores (15 epochs, 465 steps; not measured
+beyond a smoke run, 6 steps in 18 s with compilation); well under a minute on one GPU.
 """
 
 from ib_lasso_jax.training import TrainConfig
