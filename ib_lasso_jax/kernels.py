@@ -322,6 +322,27 @@ def _strided(n: int, m: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, min(n, m))).astype(np.int32))
 
 
+def _kth_smallest(v, k):
+    """Exact k-th smallest (0-based, ``k (C,)``) of each row of non-negative ``v (C, M)``.
+
+    Bisection on the float's bit pattern (monotone for non-negative floats): 32 (64) passes
+    of compare-and-count, far cheaper than XLA's CPU sort, and exact.
+    """
+    ity = jnp.int32 if v.dtype == jnp.float32 else jnp.int64
+    bits = jax.lax.bitcast_convert_type(v, ity)
+    lo = jnp.zeros(v.shape[0], ity) - 1  # count(bits <= lo) <= k < count(bits <= hi)
+    hi = jnp.max(bits, axis=-1)
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid[:, None], axis=-1) > k
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 8 * jnp.dtype(ity).itemsize, step, (lo, hi))
+    return jax.lax.bitcast_convert_type(hi, v.dtype)
+
+
 def _median_sigma2(x, median_samples):
     """Median heuristic per channel on ``x (C, N, D)``: ``median(d^2 > 0) / 2`` -> ``(C,)``."""
     n = x.shape[1]
@@ -329,9 +350,14 @@ def _median_sigma2(x, median_samples):
     xs = x[:, idx]
     iu = np.triu_indices(len(idx), 1)
     d2 = _sq_dists(xs, xs)[:, iu[0], iu[1]]
-    med = jnp.nanmedian(jnp.where(d2 > 0, d2, jnp.nan), axis=-1)
+    npos = jnp.sum(d2 > 0, axis=-1)
+    v = jnp.where(d2 > 0, d2, jnp.inf)
+    lo_k, hi_k = (npos - 1) // 2, npos // 2
+    a = _kth_smallest(v, jnp.maximum(lo_k, 0))
+    nxt = jnp.min(jnp.where(v > a[:, None], v, jnp.inf), axis=-1)
+    b = jnp.where(jnp.sum(v <= a[:, None], axis=-1) > hi_k, a, nxt)
     # No non-zero distance: the channel is constant, its kernel is constant, any sigma works.
-    return jnp.where(jnp.isnan(med), 1.0, med) / 2.0
+    return jnp.where(npos > 0, 0.5 * (a + b), 1.0) / 2.0
 
 
 def _prepare(F, kernel: Kernel):
@@ -537,15 +563,19 @@ def class_indices(y, num_classes: int) -> tuple[np.ndarray, ...]:
 # ----------------------------------------------------------------------------------------
 
 
-def use_feature_space(kernel: str | Kernel, n: int, d: int, linear_method: str = "auto") -> bool:
-    """Whether the linear feature-space algorithm runs: linear kernel, and ``D^2 <= N`` under
-    ``"auto"`` (per channel pair it costs ``2 N D^2`` flops against ``N^2`` for a symmetric
-    Frobenius product, and needs no kernel entries)."""
+def use_feature_space(kernel: str | Kernel, n: int, d: int, linear_method: str = "auto",
+                      c: int = 512) -> bool:
+    """Whether the linear feature-space algorithm runs: linear kernel, and under ``"auto"``
+    when it needs fewer useful flops than the kernel tiles (:func:`gram_flops`: per channel
+    pair ``2 N D^2`` against ``N(N+1)`` plus the kernel entries; roughly ``2 D^2 < N``)."""
     if linear_method not in LINEAR_METHODS:
         raise ValueError(f"linear_method {linear_method!r} is not one of {LINEAR_METHODS}")
     if as_kernel(kernel).name != "linear" or linear_method == "kernels":
         return False
-    return linear_method == "features" or d * d <= n
+    if linear_method == "features":
+        return True
+    return (gram_flops(n, c, d, 1, "linear", linear_method="features")["total"]
+            < gram_flops(n, c, d, 1, "linear", linear_method="kernels")["total"])
 
 
 def default_tile_size(n: int, c: int, budget_bytes: int = 32 << 20) -> int:
@@ -738,7 +768,7 @@ def gram_statistics(F, responses, kernel: str | Kernel = "laplacian", *,
                 f"responses[{int(zero[0])}] is identically zero after centring (zero responses: "
                 f"{zero.tolist()}): class {int(zero[0])} has no samples, or its response is "
                 f"constant; every response needs samples of its class")
-    feature_space = use_feature_space(kernel, n, d, linear_method)
+    feature_space = use_feature_space(kernel, n, d, linear_method, c)
     chunk = default_chunk_size(c, d, feature_space) if chunk_size is None else chunk_size
     if not (isinstance(chunk, (int, np.integer)) and 1 <= chunk):
         raise ValueError(f"chunk_size must be a positive integer (or None); got {chunk_size!r}")
@@ -780,7 +810,10 @@ def gram_flops(n: int, c: int, d: int, r: int, kernel: str | Kernel = "laplacian
     """
     k = as_kernel(kernel)
     pairs = c * (c + 1) // 2
-    if use_feature_space(k, n, d, linear_method):
+    if linear_method not in LINEAR_METHODS:
+        raise ValueError(f"linear_method {linear_method!r} is not one of {LINEAR_METHODS}")
+    if k.name == "linear" and (linear_method == "features" or (
+            linear_method == "auto" and use_feature_space(k, n, d, "auto", c))):
         out = {"kernels": 2 * n * c * d, "Q": pairs * (2 * n * d * d + 2 * d * d),
                "P": r * (2 * n * n * c * d + 2 * n * c * d)}
     else:
