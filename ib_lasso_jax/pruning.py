@@ -337,8 +337,12 @@ def prune(
                 f"removes {most:.3f}; lower the target or the floor"
             )
         knob, _, iters = search_knob(lambda k: reduction(select(k)), target, lo, hi, tol=tolerance,
-                                     increasing=True, log=log)
+                                     increasing=True, log=log, max_iter=30)
         masks = select(knob)
+        if hasattr(select, "scores_at"):  # land within tolerance channel by channel
+            masks = refine_to_target(masks, select.scores_at(knob), reduction, target, tolerance)
+        if hasattr(select, "knob_value"):
+            knob = select.knob_value(knob)
         ctx.info["search_iterations"] = iters
 
     small = surgery.apply_masks(model, masks, policy, graph)

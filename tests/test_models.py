@@ -262,7 +262,6 @@ def test_zero_init_residual_blocks():
     assert float(jnp.abs(ri.BasicBlock(4, [3], 4, 1, False, False, rngs=rngs).bn2.scale[...]).min()) == 1.0
 
 
-@pytest.mark.xfail(reason="registry.initialise re-initialises every BatchNorm scale to 1 after the builder")
 def test_zero_init_residual_through_create():
     m = create("resnet18", input_shape=(32, 32, 3), zero_init_residual=True)
     assert float(jnp.abs(m.layer1[0].bn2.scale[...]).max()) == 0.0

@@ -212,7 +212,8 @@ def initialise(model: nnx.Module, seed: int) -> nnx.Module:
 
     Convolutions: Kaiming-normal, fan-out, ReLU gain (torchvision's and HRank's ResNets and
     VGGs), zero bias. Dense: PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for
-    kernel and bias. BatchNorm: scale 1, shift 0, running mean 0, running variance 1.
+    kernel and bias. BatchNorm: scale 1 (0 where the builder set ``zero_init_scale``),
+    shift 0, running mean 0, running variance 1.
     Each array is drawn from its own generator seeded by ``(seed, crc32(path))``, so it
     depends only on the seed and the parameter's name and shape.
     """
@@ -239,6 +240,8 @@ def _init_value(module, attr: str, shape, rng) -> np.ndarray:
         bound = 1.0 / math.sqrt(module.in_features)
         return rng.uniform(-bound, bound, shape)
     if isinstance(module, nnx.BatchNorm):
+        if attr == "scale" and getattr(module, "zero_init_scale", False):
+            return np.zeros(shape)  # zero-init residual (Goyal et al. 2017)
         return np.ones(shape) if attr in ("scale", "var") else np.zeros(shape)
     raise ValueError(
         f"zoo models are made of nnx.Conv, nnx.Linear and nnx.BatchNorm; cannot initialise "

@@ -63,7 +63,9 @@ def _conv(cin: int, cout: int, k: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Co
 
 def _bn(n: int, *, zero: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
     kw = {"scale_init": nnx.initializers.zeros} if zero else {}
-    return nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs, **kw)
+    bn = nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs, **kw)
+    bn.zero_init_scale = zero  # honoured by the registry's NumPy initialiser
+    return bn
 
 
 def _default_widths_fn(name: str):

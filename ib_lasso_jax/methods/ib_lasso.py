@@ -1,0 +1,202 @@
+"""Information-bottleneck structured lasso: ``hsic-lasso`` (APIB), ``sglp-ib``, ``stlp-ib``.
+
+For each channel group (METHODS.md section 1)::
+
+    features F (N, C, D) at the group's first consumer, response G (N, R) its output
+      -> centred channel kernels K_k and response kernels L_c  (ib_lasso_jax.kernels)
+      -> Q = [<K_k, K_l>], P = [<K_k, L_c>]                      (never the N^2 x C design)
+      -> min_B 1/2 tr(B^T Q B) - tr(B^T P) + lam ||B||_1 + Omega(B)   (ib_lasso_jax.solvers)
+      -> keep channel k when row B[k, :] is non-zero
+
+* ``hsic-lasso``: one response, the kernel of the consumer's output, no labels and no class
+  structure (APIB's HSIC lasso, Guo et al. ICCV 2023).
+* ``sglp-ib``: one response per class (``response``: R1 one-vs-rest labels, R2 the output
+  kernel restricted to the class, R4 the class logit's kernel) and a graph-guided fusion over
+  a class graph (``structures.class_graph``: correlation of class profiles > ``rho``).
+* ``stlp-ib``: the same responses and a tree-guided group lasso over a class tree
+  (``structures.class_tree``, Kim & Xing weights).
+
+Adaptive lambda (APIB's scheme): one lambda for every layer (the kernels are unit-Frobenius
+normalised, so lambdas are comparable across layers), searched to hit the FLOPs or params
+target, with the per-layer floor. Each layer is solved once for a whole grid of lambdas in one
+vmapped, compiled call; the search walks the grid, then single channels are added or removed
+by their row norms to land within tolerance.
+
+Options (``prune(..., method, **options)``), defaults chosen as documented in
+``docs/sglp-ib.md``:
+
+``kernel`` ("laplacian"), ``response`` ("R2"), ``profiles`` ("logits": class-mean logits;
+"P": the layer's P columns), ``rho`` (0.6), ``linkage`` ("average"), ``structure_weight``
+(0.7: Omega's weight relative to lam), ``nonneg`` (True), ``grid`` (48 lambdas),
+``lam_range`` (1e-4: smallest lambda relative to the largest), ``mu`` (0.1), ``maxiter``
+(500), ``batch_size`` (128).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ib_lasso_jax import kernels, structures
+from ib_lasso_jax.features import iter_features
+from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
+
+__all__ = ["RESPONSES", "layer_problem", "solve_grid"]
+
+RESPONSES = ("R1", "R2", "R4")
+PROFILES = ("logits", "P")
+DEFAULTS = dict(kernel="laplacian", response="R2", profiles="logits", rho=0.6, linkage="average",
+                structure_weight=0.7, nonneg=True, grid=48, lam_range=1e-4, mu=0.1, maxiter=500,
+                batch_size=128)
+
+
+def _options(ctx: MethodContext) -> dict:
+    unknown = set(ctx.options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)} for the IB-lasso methods; valid options: "
+                         f"{', '.join(sorted(DEFAULTS))}")
+    opts = {**DEFAULTS, **ctx.options}
+    if opts["response"] not in RESPONSES:
+        raise ValueError(f"response must be one of {', '.join(RESPONSES)}; got {opts['response']!r}")
+    if opts["profiles"] not in PROFILES:
+        raise ValueError(f"profiles must be one of {', '.join(PROFILES)}; got {opts['profiles']!r}")
+    return opts
+
+
+def _num_classes(ctx: MethodContext) -> int:
+    spec = getattr(ctx.model, "spec", None)
+    return int(spec.num_classes) if spec is not None else int(ctx.labels.max()) + 1
+
+
+def _check_classes(labels: np.ndarray, num_classes: int):
+    counts = np.bincount(labels, minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise ValueError(
+            f"the calibration set has no example of class {int(missing[0])} (missing classes: "
+            f"{missing.tolist()}); class-wise methods need every class: draw it with "
+            "ib_lasso_jax.data.calibration_set(ds, n_per_class)"
+        )
+
+
+def _logits(model, images, batch_size=256) -> np.ndarray:
+    out = []
+    for s in range(0, len(images), batch_size):
+        out.append(np.asarray(model(jnp.asarray(images[s : s + batch_size]))))
+    return np.concatenate(out)
+
+
+def layer_problem(F, G, labels, num_classes, *, method: str, kernel: str, response: str, logits=None):
+    """``(Q, P)`` of one layer for a method (see the module docstring)."""
+    if method == "hsic-lasso":
+        L = kernels.channel_kernels(G[:, None, :], kernel, normalize=True)  # (1, N, N)
+    elif response == "R1":
+        L = kernels.one_vs_rest_responses(labels, num_classes)
+    elif response == "R2":
+        L = kernels.output_responses(G, labels, num_classes, kernel)
+    else:  # R4
+        L = kernels.logit_responses(logits)
+    return kernels.gram_statistics(F, L, kernel, normalize=True)
+
+
+def _solver(method: str, opts: dict, structure) -> StructuredLasso:
+    if method == "hsic-lasso" or structure is None or opts["structure_weight"] == 0:
+        return StructuredLasso(penalty="lasso", nonneg=opts["nonneg"], maxiter=opts["maxiter"])
+    if method == "sglp-ib":
+        return StructuredLasso(penalty="graph", structure=structure, nonneg=opts["nonneg"],
+                               graph_method="smooth", mu=opts["mu"], maxiter=opts["maxiter"])
+    return StructuredLasso(penalty="tree", structure=structure, nonneg=opts["nonneg"], maxiter=opts["maxiter"])
+
+
+def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float):
+    """Solve one layer for every lambda of ``lams`` in one vmapped call: ``(B (G, C, K), iters (G,))``."""
+    Qp, lip = gram_lipschitz(jnp.asarray(Q))
+    P = jnp.asarray(P)
+    pair = solver.penalty != "lasso"
+
+    def one(Q, P, lip, lam):
+        hp = (lam, structure_weight * lam) if pair else lam
+        B, state = solver.run(None, Q, P, hp, lipschitz=lip)
+        return B, state.iter_num
+
+    # Q, P enter as arguments (not constants) so the solver's value checks stay outside jit;
+    # they ran on the concrete arrays in gram_lipschitz / gram_statistics already.
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))(Qp, P, lip, jnp.asarray(lams, Qp.dtype))
+
+
+def _select_factory(method: str):
+    def selector(ctx: MethodContext):
+        opts = _options(ctx)
+        t0 = time.perf_counter()
+        labels = np.asarray(ctx.labels).astype(np.int64)
+        num_classes = _num_classes(ctx)
+        if method != "hsic-lasso":
+            _check_classes(labels, num_classes)
+        logits = _logits(ctx.model, ctx.images) if (method != "hsic-lasso" and
+                                                    (opts["profiles"] == "logits" or opts["response"] == "R4")) else None
+        problems = {}
+        for gf in iter_features(ctx.model, ctx.images, list(ctx.groups), batch_size=opts["batch_size"]):
+            problems[gf.group] = layer_problem(gf.features, gf.response, labels, num_classes, method=method,
+                                               kernel=opts["kernel"], response=opts["response"], logits=logits)
+        t_stats = time.perf_counter() - t0
+
+        # One lambda grid for all layers (normalised kernels make them comparable).
+        pmax = max(float(np.max(np.asarray(P))) for _, P in problems.values())
+        lams = np.geomspace(pmax * opts["lam_range"], pmax, opts["grid"])
+        structure = None
+        if method != "hsic-lasso" and num_classes > 1:  # one class: no edges, no tree: plain lasso
+            if opts["profiles"] == "logits":
+                profiles = np.stack([logits[labels == c].mean(0) for c in range(num_classes)], axis=1)
+            else:
+                profiles = np.concatenate([np.asarray(P) for _, P in problems.values()], axis=0)
+            structure = (structures.class_graph(profiles, rho=opts["rho"]) if method == "sglp-ib"
+                         else structures.class_tree(profiles, method=opts["linkage"]))
+            ctx.info["class_structure"] = (
+                {"edges": [(int(m), int(l), round(float(r), 3)) for m, l, r in structure.edges()]}
+                if method == "sglp-ib" else {"groups": [np.flatnonzero(g).tolist() for g in np.asarray(structure.masks)],
+                                             "weights": np.round(np.asarray(structure.weights), 3).tolist()})
+        solver = _solver(method, opts, structure)
+        norms, iters = {}, {}
+        for name, (Q, P) in problems.items():
+            B, it = solve_grid(solver, Q, P, lams, opts["structure_weight"])
+            norms[name] = np.linalg.norm(np.asarray(B), axis=2)  # (G, C)
+            iters[name] = np.asarray(it)
+        ctx.info.update(lambdas=lams.tolist(), seconds_statistics=round(t_stats, 2),
+                        seconds_solve=round(time.perf_counter() - t0 - t_stats, 2),
+                        max_solver_iterations={n: int(i.max()) for n, i in iters.items()})
+        # Rank rows with a tie-breaker from the smallest lambda so zero rows are ordered too.
+        tie = {n: v[0] / (v[0].max() + 1e-30) for n, v in norms.items()}
+        G = len(lams)
+
+        def scores_at(i: int):
+            return {n: norms[n][i] + 1e-9 * tie[n] for n in ctx.groups}
+
+        def select(knob: float):
+            i = int(np.clip(round(knob), 0, G - 1))
+            masks = {}
+            for n in ctx.groups:
+                s = scores_at(i)[n]
+                keep = norms[n][i] > 0
+                if keep.sum() < ctx.floors[n]:
+                    keep = np.zeros_like(keep)
+                    keep[np.argsort(-s, kind="stable")[: ctx.floors[n]]] = True
+                masks[n] = keep
+            return masks
+
+        select.scores_at = lambda knob: scores_at(int(np.clip(round(knob), 0, G - 1)))
+        select.knob_value = lambda knob: float(lams[int(np.clip(round(knob), 0, G - 1))])
+        return select, 0.0, float(G - 1), False
+
+    return selector
+
+
+register_method("hsic-lasso", selector=_select_factory("hsic-lasso"),
+                description="HSIC lasso on the consumer's output kernel (APIB, Guo et al. 2023)")
+register_method("sglp-ib", selector=_select_factory("sglp-ib"),
+                description="sparse graph-structured lasso with class-wise information (Liu et al. 2025)")
+register_method("stlp-ib", selector=_select_factory("stlp-ib"),
+                description="sparse tree-guided lasso with class-wise information (Liu et al. 2025)")

@@ -1,0 +1,87 @@
+"""hsic-lasso, sGLP-IB and sTLP-IB on the common pruning path."""
+
+import numpy as np
+import pytest
+
+from ib_lasso_jax import kernels, structures
+from ib_lasso_jax.methods.ib_lasso import layer_problem, solve_grid
+from ib_lasso_jax.models import create
+from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.solvers import StructuredLasso
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    m = create("lenet5", widths={"conv": [6, 12], "fc": [24, 16]}, rngs=0)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 10
+    # Class-dependent inputs so labels carry information.
+    x = rng.normal(size=(40, 28, 28, 1)).astype(np.float32) + 0.5 * y[:, None, None, None].astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["hsic-lasso", "sglp-ib", "stlp-ib"])
+def test_methods_hit_target(lenet, calib, method):
+    small, report = prune(lenet, calib, method, target_flops=0.5, grid=16, maxiter=200)
+    assert abs(report.flops_reduction - 0.5) <= 0.005
+    assert report.knob > 0 and "lambdas" in report.info
+    assert small.spec.widths != lenet.spec.widths
+
+
+def test_one_class_sglp_equals_hsic_lasso(lenet, calib):
+    x, _ = calib
+    y0 = np.zeros(len(x), np.int64)
+    single = create("lenet5", num_classes=1, widths=lenet.spec.widths, rngs=0)
+    single.eval()
+    _, a = prune(single, (x, y0), "hsic-lasso", target_flops=0.4, grid=16, maxiter=200)
+    _, b = prune(single, (x, y0), "sglp-ib", target_flops=0.4, grid=16, maxiter=200, response="R2")
+    assert a.groups == b.groups
+    assert np.allclose(a.info["lambdas"], b.info["lambdas"])
+
+
+def test_structure_weight_zero_is_per_class_lasso():
+    """Tree and graph penalties with weight 0 solve each class's lasso independently."""
+    rng = np.random.default_rng(1)
+    F = rng.normal(size=(30, 8, 4)).astype(np.float32)
+    y = np.arange(30) % 3
+    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, 3), "gaussian")
+    profiles = rng.normal(size=(5, 3))
+    lams = np.array([1e-3, 1e-2])
+    per_class = np.stack([
+        solve_grid(StructuredLasso("lasso", nonneg=True, maxiter=3000), Q, P[:, c:c + 1], lams, 0.0)[0][:, :, 0]
+        for c in range(3)], axis=-1)
+    tree = StructuredLasso("tree", structure=structures.class_tree(profiles), nonneg=True, maxiter=3000)
+    graph = StructuredLasso("graph", structure=structures.class_graph(profiles, rho=0.0, keep_negative=True), nonneg=True, maxiter=3000)
+    for solver in (tree, graph):
+        B, _ = solve_grid(solver, Q, P, lams, 0.0)
+        np.testing.assert_allclose(np.asarray(B), np.asarray(per_class), atol=1e-3)  # float32 solver tolerance
+
+
+def test_missing_class_is_an_error(lenet, calib):
+    x, y = calib
+    y = np.where(y == 7, 3, y)
+    with pytest.raises(ValueError, match="no example of class 7"):
+        prune(lenet, (x, y), "sglp-ib", target_flops=0.5)
+
+
+def test_unknown_option(lenet, calib):
+    with pytest.raises(ValueError, match="unknown options.*'kernal'"):
+        prune(lenet, calib, "stlp-ib", target_flops=0.5, kernal="linear")
+    with pytest.raises(ValueError, match="response must be one of"):
+        prune(lenet, calib, "stlp-ib", target_flops=0.5, response="R9")
+
+
+def test_layer_problem_hsic_is_output_kernel():
+    rng = np.random.default_rng(2)
+    F = rng.normal(size=(20, 4, 9)).astype(np.float32)
+    G = rng.normal(size=(20, 12)).astype(np.float32)
+    Q, P = layer_problem(F, G, np.zeros(20, int), 1, method="hsic-lasso", kernel="linear", response="R2")
+    K = kernels.channel_kernels(F, "linear", normalize=True)
+    L = kernels.channel_kernels(G[:, None, :], "linear", normalize=True)[0]
+    np.testing.assert_allclose(np.asarray(P)[:, 0], np.einsum("kij,ij->k", np.asarray(K), np.asarray(L)), atol=1e-5)
