@@ -7,6 +7,7 @@ Subcommands:
   train    train a zoo model from an experiment config (resumes in the same workdir)
   finetune finetune a saved (e.g. pruned) model with an experiment config
   evaluate top-1 (and top-5) accuracy of a saved model on a data set
+  prune    prune a saved model to a FLOPs/params target; saves the smaller model and a report
 """
 
 from __future__ import annotations
@@ -155,6 +156,46 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--option must be KEY=VALUE; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _cmd_prune(args) -> int:
+    from pathlib import Path
+
+    from ib_lasso_jax import checkpoint
+    from ib_lasso_jax.data import calibration_set, load_dataset
+    from ib_lasso_jax.pruning import prune
+    from ib_lasso_jax.training import reestimate_batchnorm
+
+    out = Path(args.out)
+    if out.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError("--out must differ from --checkpoint: the input checkpoint is never modified")
+    model = checkpoint.restore_model(args.checkpoint)  # reads only
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
+    images, labels = calibration_set(dataset, args.per_class, seed=args.seed)
+    options = dict(_parse_option(o) for o in (args.option or []))
+    small, report = prune(model, (images, labels), args.method, target_flops=args.target_flops,
+                          target_params=args.target_params, policy=args.policy,
+                          floor=int(args.floor) if args.floor >= 1 else args.floor,
+                          seed=args.seed, **options)
+    if args.reestimate_bn:
+        reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed)), num_batches=args.reestimate_bn)
+    # Everything is computed before anything is written; the save itself is atomic.
+    checkpoint.save_model(out / "model", small, metadata=report.to_dict(), overwrite=args.overwrite)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    (out / "report.md").write_text(report.to_markdown())
+    print(report.to_markdown())
+    print(f"pruned model saved in {out / 'model'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
 
@@ -208,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("prune", help="prune a saved model to a FLOPs or params target")
+    p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model); never modified")
+    p.add_argument("--method", required=True, help="sglp-ib, stlp-ib, hsic-lasso, l1-norm, bn-scale, hrank, random")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove, in (0, 1)")
+    target.add_argument("--target-params", type=float, help="fraction of params to remove, in (0, 1)")
+    p.add_argument("--dataset", required=True, help="calibration data set (e.g. mnist5k, cifar10)")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--per-class", type=int, default=20, help="calibration images per class")
+    p.add_argument("--policy", default="inner", choices=["inner", "coupled"])
+    p.add_argument("--floor", type=float, default=0.05, help="per-layer floor: fraction (<1) or channel count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reestimate-bn", type=int, default=16, metavar="BATCHES",
+                   help="re-estimate BatchNorm statistics on this many training batches (0: keep)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. response=R1")
+    p.add_argument("--out", required=True, help="output directory: model/, report.json, report.md")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
+    p.set_defaults(func=_cmd_prune)
     return parser
 
 

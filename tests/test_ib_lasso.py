@@ -85,3 +85,19 @@ def test_layer_problem_hsic_is_output_kernel():
     K = kernels.channel_kernels(F, "linear", normalize=True)
     L = kernels.channel_kernels(G[:, None, :], "linear", normalize=True)[0]
     np.testing.assert_allclose(np.asarray(P)[:, 0], np.einsum("kij,ij->k", np.asarray(K), np.asarray(L)), atol=1e-5)
+
+
+def test_grid_is_sharded_across_devices_and_matches_single_solves():
+    import jax
+
+    rng = np.random.default_rng(3)
+    F = rng.normal(size=(24, 6, 4)).astype(np.float32)
+    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(np.arange(24) % 2, 2), "linear")
+    lams = np.geomspace(1e-3, 1e-1, 8)
+    solver = StructuredLasso("lasso", nonneg=True, maxiter=2000)
+    B, _ = solve_grid(solver, Q, P, lams, 0.0)
+    assert jax.device_count() == 4  # tests/conftest.py forces 4 CPU devices
+    assert len(B.sharding.device_set) == 4
+    for i, lam in enumerate(lams):
+        Bi, _ = solver.run(None, Q, P, float(lam))
+        np.testing.assert_allclose(np.asarray(B[i]), np.asarray(Bi), atol=1e-5)

@@ -123,9 +123,17 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float):
         B, state = solver.run(None, Q, P, hp, lipschitz=lip)
         return B, state.iter_num
 
+    lams = jnp.asarray(lams, Qp.dtype)
+    n_dev = jax.device_count()
+    if n_dev > 1 and lams.shape[0] % n_dev == 0:
+        # Several devices: shard the grid across them, replicate Q and P.
+        mesh = jax.make_mesh((n_dev,), ("grid",), axis_types=(jax.sharding.AxisType.Auto,))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        Qp, P, lip = (jax.device_put(a, rep) for a in (Qp, P, lip))
+        lams = jax.device_put(lams, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("grid")))
     # Q, P enter as arguments (not constants) so the solver's value checks stay outside jit;
     # they ran on the concrete arrays in gram_lipschitz / gram_statistics already.
-    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))(Qp, P, lip, jnp.asarray(lams, Qp.dtype))
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))(Qp, P, lip, lams)
 
 
 def _select_factory(method: str):

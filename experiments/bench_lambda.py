@@ -1,0 +1,138 @@
+"""Lambda-search benchmarks (prints ratios measured side by side in one run; no assertions).
+
+1. A grid of 64 lambdas on one layer: one vmapped compiled call vs one single solve
+   (target: at most 4x) and vs a Python loop of 64 compiled single solves (target: at least
+   10x faster).
+2. A whole-network global lambda search for VGG-16 on CIFAR-shaped inputs (random weights,
+   N = 128 calibration images as APIB used): ours (Gram statistics once, one vmapped grid
+   solve per layer, search on the grid) vs an APIB-style reference that, at every step of its
+   lambda bisection, recomputes every layer's kernels, materialises the N^2 x C design and
+   calls scikit-learn's Lasso (positive=True) -- as APIB's code does. The reference's cost
+   per step is measured on every layer, then multiplied by the number of bisection steps
+   APIB needs to reach 1% (reported; run ``--full-reference`` to time all steps).
+
+    python experiments/bench_lambda.py             # about 5-10 minutes on 2 CPU cores
+    python experiments/bench_lambda.py --quick     # benchmark 1 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _median_time(fn, repeats=5):
+    fn()  # compile / warm up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def bench_grid(channels=256, classes=10, n=200, grid=64):
+    from ib_lasso_jax import kernels
+    from ib_lasso_jax.methods.ib_lasso import solve_grid
+    from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
+
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % classes
+    F = rng.normal(size=(n, channels, 16)).astype(np.float32) + 0.3 * y[:, None, None]
+    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, classes), "laplacian")
+    Qp, lip = gram_lipschitz(Q)
+    solver = StructuredLasso("lasso", nonneg=True, maxiter=500)
+    lams = np.geomspace(1e-4, 1.0, grid) * float(np.max(np.asarray(P)))
+
+    single = jax.jit(lambda Q, P, lip, lam: solver.run(None, Q, P, lam, lipschitz=lip)[0])
+    mid = float(lams[grid // 2])
+    t_single = _median_time(lambda: single(Qp, P, lip, mid))
+    t_grid = _median_time(lambda: solve_grid(solver, Q, P, lams, 0.0)[0])
+
+    def loop():
+        return [single(Qp, P, lip, float(lam)) for lam in lams]
+
+    t_loop = _median_time(loop, repeats=3)
+    print(f"[1] one layer, C={channels}, {classes} classes, grid of {grid} lambdas "
+          f"({jax.device_count()} device(s))")
+    print(f"    single solve              {1e3 * t_single:9.2f} ms")
+    print(f"    vmapped grid (one call)   {1e3 * t_grid:9.2f} ms   = {t_grid / t_single:5.2f}x one solve (target <= 4x)")
+    print(f"    Python loop of {grid} solves {1e3 * t_loop:9.2f} ms   grid is {t_loop / t_grid:5.1f}x faster (target >= 10x)")
+
+
+def bench_network(n_per_class=13, full_reference=False, target=0.6):
+    from sklearn.linear_model import Lasso
+
+    from ib_lasso_jax import kernels
+    from ib_lasso_jax.coupling import trace_channels
+    from ib_lasso_jax.features import collect_features
+    from ib_lasso_jax.models import create
+    from ib_lasso_jax.pruning import prune
+
+    model = create("vgg16", rngs=0)
+    model.eval()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), n_per_class)[:128]
+    images = rng.normal(size=(len(labels), 32, 32, 3)).astype(np.float32)
+
+    t = time.perf_counter()
+    _, report = prune(model, (images, labels), "hsic-lasso", target_flops=target)
+    t_ours = time.perf_counter() - t
+    print(f"[2] VGG-16, CIFAR-shaped input, N={len(labels)}, global lambda search to FLOPs -{100 * target:.0f}%")
+    print(f"    ours: {t_ours:8.1f} s end to end (statistics {report.info['seconds_statistics']} s, "
+          f"grid solves {report.info['seconds_solve']} s), reached -{100 * report.flops_reduction:.1f}%")
+
+    # APIB-style reference: one bisection step = recompute kernels, build the design and fit
+    # sklearn's Lasso for every layer.
+    graph = trace_channels(model)
+    feats = collect_features(model, images, list(graph.prunable("inner")))
+
+    def reference_step(lam):
+        kept = {}
+        for name, gf in feats.items():
+            K = np.asarray(kernels.channel_kernels(gf.features, "laplacian", normalize=True))  # (C, N, N)
+            L = np.asarray(kernels.channel_kernels(gf.response[:, None, :], "laplacian", normalize=True))[0]
+            X = K.reshape(K.shape[0], -1).T  # the N^2 x C design matrix
+            fit = Lasso(alpha=lam / X.shape[0], positive=True, fit_intercept=False, max_iter=1000)
+            fit.fit(X, L.reshape(-1))
+            kept[name] = int((fit.coef_ != 0).sum())
+        return kept
+
+    lam0 = 0.5 * max(report.info["lambdas"])
+    t = time.perf_counter()
+    reference_step(lam0)
+    t_step = time.perf_counter() - t
+    # APIB doubles lambda from a small start, then bisects until the FLOPs are within 1%:
+    # about log2(range) doubling steps plus log2(1/0.01) bisection steps.
+    steps = math.ceil(math.log2(1e4)) + math.ceil(math.log2(100))
+    if full_reference:
+        t = time.perf_counter()
+        for i in range(steps):
+            reference_step(lam0 * 2.0 ** (i - steps // 2))
+        t_ref = time.perf_counter() - t
+        how = "timed"
+    else:
+        t_ref = t_step * steps
+        how = f"measured {t_step:.1f} s per step x {steps} steps"
+    print(f"    APIB-style reference: {t_ref:8.1f} s ({how})")
+    print(f"    ours is {t_ref / t_ours:6.1f}x faster (target >= 50x)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--full-reference", action="store_true")
+    args = p.parse_args()
+    print(f"devices: {jax.devices()}")
+    bench_grid()
+    if not args.quick:
+        bench_network(full_reference=args.full_reference)
+
+
+if __name__ == "__main__":
+    main()
