@@ -197,7 +197,9 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
         by_param.setdefault(p, {})[axis] = keep
 
     graphdef, treedef, paths, leaves = _flat_state(model)
-    sliced = [_slice(v, by_param[p]) if p in by_param else v for p, v in zip(paths, leaves)]
+    # Untouched arrays are copied too: the new model must not share buffers with the old one
+    # (a training step that donates its inputs would otherwise delete the original's).
+    sliced = [_slice(v, by_param[p]) if p in by_param else jnp.array(v, copy=True) for p, v in zip(paths, leaves)]
 
     spec = getattr(model, "spec", None)
     if not isinstance(spec, _registry.ModelSpec):
@@ -267,6 +269,8 @@ def zero_channels(model: nnx.Module, masks: Mapping[str, Any], policy: str = "in
                 shape[axis] = len(keep)
                 v = v * keep.reshape(shape).astype(v.dtype)
             v = jnp.asarray(v)
+        else:
+            v = jnp.array(v, copy=True)
         new.append(v)
     clone = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
     if isinstance(getattr(model, "spec", None), _registry.ModelSpec):

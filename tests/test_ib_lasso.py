@@ -101,3 +101,18 @@ def test_grid_is_sharded_across_devices_and_matches_single_solves():
     for i, lam in enumerate(lams):
         Bi, _ = solver.run(None, Q, P, float(lam))
         np.testing.assert_allclose(np.asarray(B[i]), np.asarray(Bi), atol=1e-5)
+
+
+def test_layer_lambda_for_count():
+    from ib_lasso_jax.methods.ib_lasso import layer_lambda_for_count
+
+    rng = np.random.default_rng(4)
+    F = rng.normal(size=(30, 10, 4)).astype(np.float32) + (np.arange(30) % 3)[:, None, None] * rng.random((1, 10, 1))
+    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(np.arange(30) % 3, 3), "gaussian")
+    solver = StructuredLasso("lasso", nonneg=True, maxiter=2000)
+    for count in (1, 3, 6):
+        lam, B, nnz, _ = layer_lambda_for_count(solver, Q, P, count)
+        assert nnz >= count and nnz <= count + 1
+        assert int((np.linalg.norm(np.asarray(B), axis=1) > 0).sum()) == nnz
+    with pytest.raises(ValueError, match=r"count must be in \[1, 10\]"):
+        layer_lambda_for_count(solver, Q, P, 11)

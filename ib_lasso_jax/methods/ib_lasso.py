@@ -45,7 +45,7 @@ from ib_lasso_jax.features import iter_features
 from ib_lasso_jax.pruning import MethodContext, register_method
 from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
 
-__all__ = ["RESPONSES", "layer_problem", "solve_grid"]
+__all__ = ["RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
@@ -136,6 +136,52 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float):
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))(Qp, P, lip, lams)
 
 
+def layer_lambda_for_count(solver: StructuredLasso, Q, P, count: int, *, structure_weight: float = 0.0,
+                           lo: float = 1e-7, hi: float = 1e7, max_iter: int = 60):
+    """Per-layer search: the lambda at which ``count`` rows of B are non-zero.
+
+    Log-space bisection on ``[lo, hi]`` (the author's earlier code's range), each solve
+    warm-started from the previous solution. The number of non-zero rows is non-increasing
+    in lambda for the lasso path in practice; where no lambda gives exactly ``count`` (two
+    rows leave at the same lambda), the largest lambda keeping at least ``count`` rows is
+    returned (a per-layer floor must never be undercut).
+
+    Returns:
+      ``(lam, B, nonzero_rows, iterations)``.
+
+    Raises:
+      ValueError: ``count`` outside ``[1, channels]``.
+    """
+    Qp, lip = gram_lipschitz(jnp.asarray(Q))
+    P = jnp.asarray(P)
+    c = Qp.shape[0]
+    if not 1 <= int(count) <= c:
+        raise ValueError(f"count must be in [1, {c}] (the layer's channels); got {count!r}")
+    pair = solver.penalty != "lasso"
+    solve = jax.jit(lambda init, Q, P, lip, lam: solver.run(
+        init, Q, P, (lam, structure_weight * lam) if pair else lam, lipschitz=lip)[0])
+
+    def run(init, lam):
+        return solve(init, Qp, P, lip, lam)
+    a, b = np.log(lo), np.log(hi)
+    best, B = None, jnp.zeros(P.shape, Qp.dtype)
+    for it in range(1, max_iter + 1):
+        mid = 0.5 * (a + b)
+        B = run(B, float(np.exp(mid)))
+        nnz = int(np.sum(np.linalg.norm(np.asarray(B), axis=1) > 0))
+        if nnz >= count and (best is None or mid > best[0]):
+            best = (mid, B, nnz)
+        if nnz == count:
+            break
+        if nnz > count:
+            a = mid
+        else:
+            b = mid
+    if best is None:  # even the smallest lambda keeps fewer rows (dead channels)
+        best = (a, B, nnz)
+    return float(np.exp(best[0])), best[1], best[2], it
+
+
 def _select_factory(method: str):
     def selector(ctx: MethodContext):
         opts = _options(ctx)
@@ -176,28 +222,36 @@ def _select_factory(method: str):
         ctx.info.update(lambdas=lams.tolist(), seconds_statistics=round(t_stats, 2),
                         seconds_solve=round(time.perf_counter() - t0 - t_stats, 2),
                         max_solver_iterations={n: int(i.max()) for n, i in iters.items()})
-        # Rank rows with a tie-breaker from the smallest lambda so zero rows are ordered too.
-        tie = {n: v[0] / (v[0].max() + 1e-30) for n, v in norms.items()}
+        # Each channel's "exit point" on the lambda path: 1 + the last grid index at which
+        # its row is non-zero, plus a fraction in [0, 1) from its row norm there (a larger
+        # row leaves later). Keeping the channels whose exit point exceeds a threshold t
+        # reproduces the lambda grid's masks at integer t (for a monotone path) and moves
+        # one channel at a time in between, so the search lands on the target exactly.
         G = len(lams)
-
-        def scores_at(i: int):
-            return {n: norms[n][i] + 1e-9 * tie[n] for n in ctx.groups}
+        exit_points = {}
+        for n in ctx.groups:
+            nz = norms[n] > 0  # (G, C)
+            last = np.where(nz.any(0), G - 1 - np.argmax(nz[::-1], axis=0), -1)
+            at = norms[n][np.clip(last, 0, G - 1), np.arange(nz.shape[1])]
+            frac = at / (at.max() + 1e-30) * (1 - 1e-6)
+            exit_points[n] = np.where(last >= 0, last + frac, -1 + 1e-3 * norms[n][0] / (norms[n][0].max() + 1e-30))
+        ctx.info["lambda_grid"] = {"lambdas": len(lams), "min": float(lams[0]), "max": float(lams[-1])}
 
         def select(knob: float):
-            i = int(np.clip(round(knob), 0, G - 1))
             masks = {}
             for n in ctx.groups:
-                s = scores_at(i)[n]
-                keep = norms[n][i] > 0
+                e = exit_points[n]
+                keep = e >= knob
                 if keep.sum() < ctx.floors[n]:
                     keep = np.zeros_like(keep)
-                    keep[np.argsort(-s, kind="stable")[: ctx.floors[n]]] = True
+                    keep[np.argsort(-e, kind="stable")[: ctx.floors[n]]] = True
                 masks[n] = keep
             return masks
 
-        select.scores_at = lambda knob: scores_at(int(np.clip(round(knob), 0, G - 1)))
-        select.knob_value = lambda knob: float(lams[int(np.clip(round(knob), 0, G - 1))])
-        return select, 0.0, float(G - 1), False
+        select.scores_at = lambda knob: exit_points
+        # The knob t sits between grid lambdas floor(t) and floor(t) + 1: report the former.
+        select.knob_value = lambda knob: float(lams[int(np.clip(np.floor(knob), 0, G - 1))])
+        return select, -1.0, float(G), False
 
     return selector
 
