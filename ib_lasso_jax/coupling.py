@@ -824,6 +824,13 @@ class ChannelGraph:
             out[name] = m
         return out
 
+    def last_site(self):
+        """The last conv/dense layer's input site in the top-level program (the classifier's)."""
+        sites = [s for s in self._t.sites if s.depth == 0]
+        if not sites:
+            raise CouplingError("the model has no conv or dense layer called at the top level")
+        return sites[-1]
+
     def channel_positions(self, group: str, param: str, axis: int) -> np.ndarray:
         """``(group.size, r)`` indices along ``param``'s ``axis`` holding each of the group's channels.
 

@@ -35,6 +35,7 @@ __all__ = [
     "GroupFeatures",
     "collect_features",
     "iter_features",
+    "penultimate_features",
 ]
 
 
@@ -168,6 +169,32 @@ def iter_features(
             map_shape = spatial if per == 1 else spatial + (per,)
             yield GroupFeatures(o.group, o.consumer, f, r, map_shape)
     bar.close()
+
+
+def penultimate_features(model: nnx.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The input of the model's last dense layer, ``(N, F)``: the features the classifier sees.
+
+    Found in the traced program (the last conv/dense layer's input), so it works for any
+    model; used for t-SNE plots of what pruning preserves.
+    """
+    images = np.asarray(images, np.float32)
+    n = images.shape[0]
+    bs = min(int(batch_size), n)
+    graph = coupling.trace_channels(model, images.shape[1:], batch=bs, strict=False)
+    site = graph.last_site()
+    closed = graph.jaxpr
+    jaxpr = closed.jaxpr.replace(outvars=[site.lhs], debug_info=closed.jaxpr.debug_info)
+    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
+    run = jax.jit(lambda leaves, x: fn(*leaves, x)[0])
+    leaves = jax.tree_util.tree_leaves(nnx.split(model)[1])
+    out = []
+    for start in range(0, n, bs):
+        x = images[start : start + bs]
+        real = x.shape[0]
+        if real < bs:
+            x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
+        out.append(np.asarray(run(leaves, x))[:real].reshape(real, -1))
+    return np.concatenate(out)
 
 
 def collect_features(model: nnx.Module, images: np.ndarray, groups: Sequence[str] | None = None,

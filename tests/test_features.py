@@ -63,3 +63,14 @@ def test_nan_inputs_and_features_are_reported():
     model.conv1.bias.set_value(jnp.full((6,), jnp.inf))  # a broken weight
     with pytest.raises(ValueError, match="group 'conv1'.*NaN or infinite"):
         collect_features(model, np.zeros((2, 28, 28, 1), np.float32))
+
+
+def test_penultimate_features_are_the_classifier_input():
+    from ib_lasso_jax.features import penultimate_features
+
+    model = create("lenet5", rngs=2)
+    model.eval()
+    x = np.random.default_rng(3).normal(size=(5, 28, 28, 1)).astype(np.float32)
+    f = penultimate_features(model, x, batch_size=4)
+    assert f.shape == (5, 84)
+    np.testing.assert_allclose(np.asarray(model.fc3(f)), np.asarray(model(x)), atol=1e-5)
