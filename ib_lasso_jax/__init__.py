@@ -9,7 +9,14 @@ The data path is the layout::
 This file re-exports the stable API; see each module for details.
 """
 
+from ib_lasso_jax import checkpoint
+from ib_lasso_jax import data
+from ib_lasso_jax import features
+from ib_lasso_jax import kernels
 from ib_lasso_jax import models
+from ib_lasso_jax import prox
+from ib_lasso_jax import structures
+from ib_lasso_jax import training
 from ib_lasso_jax.counting import Counts
 from ib_lasso_jax.counting import count
 from ib_lasso_jax.coupling import ChannelGraph
@@ -17,6 +24,10 @@ from ib_lasso_jax.coupling import ChannelGroup
 from ib_lasso_jax.coupling import CouplingError
 from ib_lasso_jax.coupling import trace_channels
 from ib_lasso_jax.models import create
+from ib_lasso_jax.pruning import PruneReport
+from ib_lasso_jax.pruning import available_methods
+from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.solvers import StructuredLasso
 from ib_lasso_jax.surgery import apply_masks
 from ib_lasso_jax.surgery import zero_channels
 
@@ -27,10 +38,21 @@ __all__ = [
     "ChannelGroup",
     "Counts",
     "CouplingError",
+    "PruneReport",
+    "StructuredLasso",
     "apply_masks",
+    "available_methods",
+    "checkpoint",
     "count",
     "create",
+    "data",
+    "features",
+    "kernels",
     "models",
+    "prox",
+    "prune",
+    "structures",
     "trace_channels",
+    "training",
     "zero_channels",
 ]

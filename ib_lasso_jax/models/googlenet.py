@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ib_lasso_jax.models._layers import batch_norm as _bn
+from ib_lasso_jax.models._layers import conv
+from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 INCEPTION_NAMES = ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5")
 # (n1x1, n3x3red, n3x3, n5x5red, n5x5, pool_planes) of the standard model.
@@ -51,9 +53,6 @@ _STANDARD = (
 _POOL_AFTER = ("b3", "e4")
 _FIELDS = ("n1x1", "n3x3red", "n3x3", "n5x5red", "n5x5a", "n5x5b", "pool_planes")
 
-
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _default_widths() -> dict[str, Any]:
@@ -82,12 +81,8 @@ def _validate(widths: Any) -> tuple[int, list[list[int]]]:
 
 
 def _conv(cin: int, cout: int, k: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    p = k // 2
-    return nnx.Conv(cin, cout, (k, k), padding=((p, p), (p, p)), use_bias=True, kernel_init=_CONV_INIT, rngs=rngs)
-
-
-def _bn(n: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    # kuangliu / HRank GoogLeNet convolutions keep PyTorch's default bias.
+    return conv(cin, cout, k, bias=True, rngs=rngs)
 
 
 class Inception(nnx.Module):

@@ -18,18 +18,16 @@ from typing import Any
 import jax
 from flax import nnx
 
+from ib_lasso_jax.models._layers import CONV_INIT
+from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 MIN_INPUT_SIZE = 12  # (H // 2 - 4) // 2 >= 1
 
 
 def _default_widths() -> dict[str, Any]:
     return {"conv": [6, 16], "fc": [120, 84]}
 
-
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _validate(widths: Any) -> tuple[list[int], list[int]]:
@@ -52,8 +50,8 @@ class LeNet5(nnx.Module):
                 f"input_shape {tuple(input_shape)!r} is too small for lenet5: H and W must be at least "
                 f"{MIN_INPUT_SIZE} (two 2x2 poolings around a valid 5x5 convolution)"
             )
-        self.conv1 = nnx.Conv(cin, c1, (5, 5), padding=((2, 2), (2, 2)), use_bias=True, kernel_init=_CONV_INIT, rngs=rngs)
-        self.conv2 = nnx.Conv(c1, c2, (5, 5), padding="VALID", use_bias=True, kernel_init=_CONV_INIT, rngs=rngs)
+        self.conv1 = nnx.Conv(cin, c1, (5, 5), padding=((2, 2), (2, 2)), use_bias=True, kernel_init=CONV_INIT, rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (5, 5), padding="VALID", use_bias=True, kernel_init=CONV_INIT, rngs=rngs)
         ho, wo = (h // 2 - 4) // 2, (w // 2 - 4) // 2
         self.fc1 = nnx.Linear(c2 * ho * wo, f1, rngs=rngs)
         self.fc2 = nnx.Linear(f1, f2, rngs=rngs)

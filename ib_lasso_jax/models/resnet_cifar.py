@@ -30,29 +30,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ib_lasso_jax.models._layers import batch_norm as _bn
+from ib_lasso_jax.models._layers import conv as _conv
+from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 DEPTHS: dict[str, int] = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
 STAGE_WIDTHS = (16, 32, 64)
 SHORTCUTS = ("A", "B")
 
 
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-
-def _conv(cin: int, cout: int, k: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    p = k // 2
-    return nnx.Conv(
-        cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=False,
-        kernel_init=_CONV_INIT, rngs=rngs,
-    )
-
-
-def _bn(n: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 def _default_widths_fn(name: str):

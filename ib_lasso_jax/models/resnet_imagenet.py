@@ -36,9 +36,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ib_lasso_jax.models._layers import batch_norm as _bn
+from ib_lasso_jax.models._layers import conv as _conv
+from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # name -> (block kind, blocks per stage)
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -49,23 +51,7 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
 _BASE = (64, 128, 256, 512)
 
 
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-
-def _conv(cin: int, cout: int, k: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    p = k // 2
-    return nnx.Conv(
-        cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=False,
-        kernel_init=_CONV_INIT, rngs=rngs,
-    )
-
-
-def _bn(n: int, *, zero: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    kw = {"scale_init": nnx.initializers.zeros} if zero else {}
-    bn = nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs, **kw)
-    bn.zero_init_scale = zero  # honoured by the registry's NumPy initialiser
-    return bn
 
 
 def _default_widths_fn(name: str):

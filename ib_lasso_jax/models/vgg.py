@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ib_lasso_jax.models._layers import batch_norm
+from ib_lasso_jax.models._layers import conv
+from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 CFGS: dict[str, list[Any]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -37,9 +39,6 @@ CFGS: dict[str, list[Any]] = {
 }
 CLASSIFIER_WIDTH = 512
 
-
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _default_widths_fn(name: str):
@@ -79,8 +78,8 @@ class ConvBN(nnx.Module):
     """conv3x3 pad 1 (no bias) -> BatchNorm -> relu."""
 
     def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_CONV_INIT, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.conv = conv(cin, cout, 3, rngs=rngs)
+        self.bn = batch_norm(cout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.conv(x)))
@@ -109,7 +108,7 @@ class VGG(nnx.Module):
         self.features = nnx.List(layers)
         self.pool_after = tuple(pool_after)
         self.fc1 = nnx.Linear(cin, c_cls, rngs=rngs)
-        self.fc1_bn = nnx.BatchNorm(c_cls, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.fc1_bn = batch_norm(c_cls, rngs=rngs)
         self.fc2 = nnx.Linear(c_cls, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
