@@ -61,22 +61,45 @@ class MethodContext:
 class _Method:
     name: str
     needs_data: bool
-    # Either scores(ctx) -> {group: scores} or selector(ctx) -> (select(knob) -> masks, lo, hi)
+    # Either scores(ctx) -> {group: scores} or selector(ctx) -> (select(knob) -> masks, lo, hi, log)
     scores: Callable[[MethodContext], dict[str, np.ndarray]] | None
     selector: Callable[[MethodContext], Any] | None
     description: str
+    # prepare(ctx) -> model: e.g. a sparsity-training phase; the returned model is pruned.
+    prepare: Callable[[MethodContext], nnx.Module] | None = None
+    # finalize(ctx, small, masks) -> small: e.g. weight reconstruction after surgery.
+    finalize: Callable[[MethodContext, nnx.Module, dict], nnx.Module] | None = None
+    default_policy: str | None = None
 
 
 _METHODS: dict[str, _Method] = {}
 
 
-def register_method(name: str, *, scores=None, selector=None, needs_data: bool = True, description: str = ""):
-    """Register a pruning method by a scoring rule or a selection rule (exactly one)."""
+def register_method(name: str, *, scores=None, selector=None, needs_data: bool = True, description: str = "",
+                    prepare=None, finalize=None, default_policy: str | None = None):
+    """Register a pruning method by a scoring rule or a selection rule (exactly one).
+
+    Args:
+      name: the method's name in ``prune(..., method=name)``.
+      scores: ``scores(ctx) -> {group: per-channel scores}`` (higher = keep); the common
+        keep-ratio search turns them into masks.
+      selector: ``selector(ctx) -> (select, lo, hi, log)`` with ``select(knob) -> masks``
+        monotone in the knob (a larger knob prunes more), searched on ``[lo, hi]``.
+        Optional attributes ``select.scores_at(knob)`` (per-channel scores for the final
+        channel-level refinement) and ``select.knob_value(knob)`` (what to report).
+      needs_data: the method needs calibration ``(images, labels)``.
+      description: one line for listings.
+      prepare: ``prepare(ctx) -> model`` run first (e.g. sparsity training); the model it
+        returns is the one scored and pruned.
+      finalize: ``finalize(ctx, small, masks) -> small`` run after surgery (e.g. weight
+        reconstruction).
+      default_policy: the residual policy used when ``prune`` is called without one.
+    """
     if (scores is None) == (selector is None):
         raise ValueError("register_method needs exactly one of scores= or selector=")
     if name in _METHODS:
         raise ValueError(f"pruning method {name!r} is already registered")
-    _METHODS[name] = _Method(name, needs_data, scores, selector, description)
+    _METHODS[name] = _Method(name, needs_data, scores, selector, description, prepare, finalize, default_policy)
 
 
 def available_methods() -> list[str]:
@@ -85,12 +108,17 @@ def available_methods() -> list[str]:
 
 
 def _load_builtin_methods():
-    from ib_lasso_jax.methods import baselines  # noqa: F401  (registers on import)
+    import importlib
 
-    try:
-        from ib_lasso_jax.methods import ib_lasso  # noqa: F401
-    except ImportError:  # the structured-lasso engine is optional until it lands
-        pass
+    from ib_lasso_jax.methods import baselines  # noqa: F401  (registers on import)
+    from ib_lasso_jax.methods import ib_lasso  # noqa: F401
+
+    for optional in ("dwgl", "entropic", "ic_shapley"):  # the other seed methods, as they land
+        try:
+            importlib.import_module(f"ib_lasso_jax.methods.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ib_lasso_jax.methods.{optional}":
+                raise
 
 
 @dataclasses.dataclass
@@ -239,7 +267,7 @@ def prune(
     target_flops: float | None = None,
     target_params: float | None = None,
     keep_ratios: float | Mapping[str, float] | None = None,
-    policy: str = "inner",
+    policy: str | None = None,
     floor: int | float = 0.05,
     tolerance: float = 0.01,
     seed: int = 0,
@@ -255,7 +283,8 @@ def prune(
       target_flops: fraction of FLOPs to remove, in (0, 1).
       target_params: fraction of params to remove, in (0, 1).
       keep_ratios: explicit keep ratio (one float for every group, or per group name).
-      policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``.
+      policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``; default: the
+        method's own default (``"inner"`` for most).
       floor: minimum channels kept per group: an int, or a fraction of the group.
       tolerance: relative tolerance on the target (0.01: within 1%).
       seed: for methods that draw random numbers.
@@ -276,6 +305,8 @@ def prune(
         if value is not None and not (0.0 < float(value) < 1.0):
             raise ValueError(f"{name} is the fraction to remove and must be in (0, 1); got {value!r}")
     spec = _METHODS[method]
+    if policy is None:
+        policy = spec.default_policy or "inner"
     graph = coupling.trace_channels(model, strict=False)
     groups = graph.prunable(policy)
     if not groups:
@@ -290,6 +321,9 @@ def prune(
     floors = floor_counts(groups, floor)
     ctx = MethodContext(model, graph, groups, images, labels, policy, floors,
                         np.random.default_rng(seed), dict(options))
+    if spec.prepare is not None:  # e.g. sparsity training: prune the model it returns
+        model = spec.prepare(ctx)
+        ctx.model = model
     params0, flops0 = counting.count_masked(model, graph, {}, policy)
 
     def reduction(masks):
@@ -346,6 +380,8 @@ def prune(
         ctx.info["search_iterations"] = iters
 
     small = surgery.apply_masks(model, masks, policy, graph)
+    if spec.finalize is not None:  # e.g. weight reconstruction
+        small = spec.finalize(ctx, small, masks)
     params1, flops1 = counting.count_masked(model, graph, masks, policy)
     report = PruneReport(
         method=method,
