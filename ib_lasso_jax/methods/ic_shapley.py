@@ -1,0 +1,399 @@
+"""``ic-shapley``: information concentration sets the layer widths, Shapley values pick channels.
+
+Chen & Wang, "An Effective Information Theoretic Framework for Channel Pruning",
+arXiv 2408.16772 (METHODS.md section 4). Two stages, on the common pruning path:
+
+1. **How much to prune each layer.** Two indicators per channel group from its calibration
+   feature maps (as the next layer sees them: after BatchNorm and ReLU):
+
+   * rank: the mean matrix rank of each channel's ``H x W`` map over the images (HRank),
+     averaged over the layer's channels and divided by ``min(H, W)``;
+   * entropy: per channel, the histogram entropy (``bins`` bins over the channel's range) of
+     its spatially pooled activation over the images, divided by ``log(bins)``, averaged over
+     the layer's channels.
+
+   Each indicator is normalised across layers (divided by its largest value) and the two are
+   fused into the layer's information concentration ``IC_l`` in ``[0, 1]``:
+   ``harmonic`` ``2ab / (a + b)`` (default), ``geometric`` ``sqrt(ab)`` or ``weighted``
+   ``w a + (1 - w) b`` (``w = weight`` on the rank). The layer's pruning ratio is
+   ``r_l(s) = clip(s (1 - IC_l), 0, 1)`` (less concentrated information: prune harder),
+   keeping ``max(floor_l, ceil((1 - r_l) C_l))`` channels; the one knob ``s`` is bisected to
+   hit the FLOPs/params target. Counts are monotone in ``s``.
+
+2. **Which channels.** Within each layer, the Shapley value of each channel in the game
+   "channels of this layer kept -> value", estimated by Monte-Carlo permutations
+   (:mod:`ib_lasso_jax.shapley`), every other layer left whole. Value functions
+   (``value``):
+
+   * ``"loss"`` (default, the paper's): minus the network's cross-entropy on
+     ``shapley_samples`` calibration images when only the coalition's channels of the layer
+     are kept (the others silenced exactly as :func:`ib_lasso_jax.surgery.zero_channels`
+     does: every parameter producing them is multiplied by the mask). One compiled, vmapped
+     function evaluates ``coalition_batch`` coalitions of any layer at once.
+   * ``"reconstruction"`` (cheap, local): minus the relative squared error of the group's
+     first consumer's output (the conv or dense op alone, on inputs captured once) when only
+     the coalition's input channels are kept: ``-||op(x * (1 - m))||^2 / ||op(x)||^2``.
+
+   Cost: ``permutations * (C_l - 1) + 2`` value evaluations per layer; with ``"loss"`` each
+   is a forward pass of ``shapley_samples`` images (docs/ic-shapley.md has measured times).
+
+The final channel-level refinement of :func:`ib_lasso_jax.pruning.prune` adds or removes
+single channels by their Shapley values to land on the target.
+
+Options (``prune(..., "ic-shapley", **options)``): ``fusion`` ("harmonic"), ``weight``
+(0.5), ``bins`` (32), ``value`` ("loss"), ``permutations`` (4), ``antithetic`` (False),
+``shapley_samples`` (64), ``coalition_batch`` (16), ``batch_size`` (128: images per
+feature pass).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ib_lasso_jax import coupling, shapley
+from ib_lasso_jax.features import iter_features
+from ib_lasso_jax.pruning import MethodContext, register_method
+
+try:
+    from jax.extend import core as jcore
+except ImportError:  # pragma: no cover
+    from jax import core as jcore  # type: ignore
+
+__all__ = [
+    "FUSIONS",
+    "VALUES",
+    "feature_map_ranks",
+    "fuse",
+    "information_concentration",
+    "keep_counts",
+    "loss_game",
+    "pooled_entropy",
+    "prune_ratios",
+    "reconstruction_games",
+]
+
+FUSIONS = ("harmonic", "geometric", "weighted")
+VALUES = ("loss", "reconstruction")
+DEFAULTS = dict(fusion="harmonic", weight=0.5, bins=32, value="loss", permutations=4, antithetic=False,
+                shapley_samples=64, coalition_batch=16, batch_size=128)
+
+
+# ---------------------------------------------------------------------------- indicators
+
+def _square_maps(features: np.ndarray, map_shape) -> np.ndarray:
+    """``(N, C, D)`` -> ``(N, C, H, W)``; after a flatten (``map_shape == (r,)``) the ``r``
+    values are laid out as a square when ``r`` is one, else as a column (as ``hrank`` does)."""
+    shape = tuple(map_shape)
+    if len(shape) != 2:
+        d = int(np.prod(shape))
+        side = math.isqrt(d)
+        shape = (side, side) if side * side == d else (d, 1)
+    return features.reshape(features.shape[0], features.shape[1], *shape)
+
+
+@jax.jit
+def _ranks(maps):
+    return jnp.linalg.matrix_rank(maps)
+
+
+def feature_map_ranks(features, map_shape) -> np.ndarray:
+    """Each channel's mean matrix rank over the images, ``(C,)`` (HRank, Lin et al. 2020).
+
+    Args:
+      features: ``(N, C, D)`` the group's channels at its consumer's input.
+      map_shape: one channel's map shape (``(H, W)``; see :class:`ib_lasso_jax.features.GroupFeatures`).
+    """
+    maps = _square_maps(np.asarray(features, np.float32), map_shape)
+    return np.asarray(_ranks(jnp.asarray(maps)), np.float64).mean(axis=0)
+
+
+@functools.partial(jax.jit, static_argnames="bins")
+def pooled_entropy(features, bins: int = 32):
+    """Each channel's histogram entropy (nats) of its spatially pooled activation, ``(C,)``.
+
+    The pooled value ``z_{nc} = mean_d F[n, c, d]`` over the N images is binned into ``bins``
+    equal bins over ``[min_n z, max_n z]`` (``numpy.histogram``'s rule: the last bin is closed)
+    and ``H_c = -sum_b p_b log p_b``. A constant channel (e.g. dead after ReLU) has entropy 0.
+    """
+    pooled = jnp.mean(jnp.asarray(features, jnp.float32), axis=2)  # (N, C)
+    lo, hi = pooled.min(axis=0), pooled.max(axis=0)
+    width = hi - lo
+    norm = bins / jnp.where(width > 0, width, 1.0)
+    idx = jnp.clip(jnp.floor((pooled - lo) * norm), 0, bins - 1).astype(jnp.int32)
+    p = jax.nn.one_hot(idx, bins, dtype=jnp.float32).sum(axis=0) / pooled.shape[0]  # (C, bins)
+    h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return jnp.where(width > 0, h, 0.0)
+
+
+def fuse(rank, entropy, fusion: str = "harmonic", weight: float = 0.5):
+    """Combine two indicators in ``[0, 1]`` into one (elementwise); see the module docstring."""
+    a, b = np.asarray(rank, np.float64), np.asarray(entropy, np.float64)
+    if fusion == "harmonic":
+        s = a + b
+        return np.where(s > 0, 2 * a * b / np.where(s > 0, s, 1.0), 0.0)
+    if fusion == "geometric":
+        return np.sqrt(a * b)
+    if fusion == "weighted":
+        return weight * a + (1 - weight) * b
+    raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
+
+
+def information_concentration(rank, entropy, fusion: str = "harmonic", weight: float = 0.5) -> np.ndarray:
+    """Per-layer ``IC_l`` from per-layer indicators: each normalised by its largest value, fused."""
+    out = []
+    for x in (rank, entropy):
+        x = np.asarray(x, np.float64)
+        top = x.max() if x.size else 0.0
+        out.append(x / top if top > 0 else np.zeros_like(x))
+    return np.clip(fuse(out[0], out[1], fusion, weight), 0.0, 1.0)
+
+
+def prune_ratios(ic, s: float) -> np.ndarray:
+    """``r_l = clip(s (1 - IC_l), 0, 1)``: the fraction of each layer's channels to remove."""
+    return np.clip(float(s) * (1.0 - np.asarray(ic, np.float64)), 0.0, 1.0)
+
+
+def keep_counts(ic, s: float, sizes, floors) -> np.ndarray:
+    """Channels kept per layer at knob ``s``: ``max(floor, ceil((1 - r_l) C_l))`` (monotone in s)."""
+    sizes, floors = np.asarray(sizes), np.asarray(floors)
+    k = np.ceil((1.0 - prune_ratios(ic, s)) * sizes - 1e-9).astype(int)
+    return np.minimum(sizes, np.maximum(floors, k))
+
+
+# ---------------------------------------------------------------------------- value functions
+
+def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, labels):
+    """One compiled game for every group: ``values(group, masks (B, C_g)) -> (B,)`` minus the loss.
+
+    A coalition keeps its channels of ``group`` and silences the others the way
+    :func:`ib_lasso_jax.surgery.zero_channels` does (every producer-side parameter axis of
+    the group: kernel outputs, biases, BatchNorm statistics, multiplied by the mask), every
+    other group whole. Masks of all groups are concatenated into one vector, so the network
+    is compiled once for all layers; ``B`` coalitions run in one vmapped call.
+
+    Returns:
+      ``values(group, masks)``.
+    """
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths = [coupling.path_str(kp) for kp, _ in flat]
+    leaves = [jnp.asarray(v) for _, v in flat]
+    index = {p: i for i, p in enumerate(paths)}
+    consumer_axes = graph.consumer_axes()
+    names = list(groups)
+    offsets = dict(zip(names, np.cumsum([0] + [graph.groups[n].size for n in names])[:-1].tolist()))
+    total = sum(graph.groups[n].size for n in names)
+    # (leaf, axis) -> [(offset, size, positions (C, r))]: which mask entries scale which positions.
+    scaled: dict[tuple[int, int], list] = {}
+    for n in names:
+        for p, axis in graph.groups[n].params:
+            if (p, axis) in consumer_axes or p not in index:
+                continue
+            pos = graph.channel_positions(n, p, axis)
+            scaled.setdefault((index[p], axis), []).append((offsets[n], graph.groups[n].size, pos))
+
+    def value(full_mask, leaves, x, y):
+        new = list(leaves)
+        for (i, axis), entries in scaled.items():
+            length = new[i].shape[axis]
+            factor = jnp.ones(length, new[i].dtype)
+            for off, size, pos in entries:
+                m = full_mask[off : off + size].astype(new[i].dtype)
+                factor = factor.at[pos.reshape(-1)].multiply(jnp.repeat(m, pos.shape[1]))
+            shape = [1] * new[i].ndim
+            shape[axis] = length
+            new[i] = new[i] * factor.reshape(shape)
+        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
+        m.eval()
+        logits = m(x)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))  # = -cross-entropy
+
+    batched = jax.jit(jax.vmap(value, in_axes=(0, None, None, None)))
+    x = jnp.asarray(images, jnp.float32)
+    y = jnp.asarray(labels, jnp.int32)
+
+    def values(group, masks):
+        masks = np.asarray(masks, np.float32)
+        full = np.ones((masks.shape[0], total), np.float32)
+        full[:, offsets[group] : offsets[group] + masks.shape[1]] = masks
+        return batched(jnp.asarray(full), leaves, x, y)
+
+    return values
+
+
+def reconstruction_games(model: nnx.Module, images, groups) -> dict:
+    """Per group, ``value(mask (C,), x, *operands) -> -||op(x (1 - m))||^2 / ||op(x)||^2`` and its arguments.
+
+    ``op`` is the group's first consumer (one conv or dot_general in the traced program),
+    evaluated alone on its inputs captured in one forward pass over ``images``; the consumer is
+    linear in its input, so removing channels changes its output by ``op(x * (1 - m))`` (the
+    bias cancels). Returns ``{group: (value_fn, args)}`` for
+    :func:`ib_lasso_jax.shapley.permutation_shapley`.
+    """
+    images = np.asarray(images, np.float32)
+    graph = coupling.trace_channels(model, images.shape[1:], batch=images.shape[0], strict=False)
+    closed = graph.jaxpr
+    eqn_of = {id(e.outvars[0]): e for e in closed.jaxpr.eqns if e.outvars}
+    wanted, plans = [], {}
+
+    def want(v):
+        for j, w in enumerate(wanted):
+            if w is v:
+                return j
+        wanted.append(v)
+        return len(wanted) - 1
+
+    for g in groups:
+        obs = graph.observation(g)
+        eqn = eqn_of[id(obs.out)]
+        slots = []
+        for v in eqn.invars:
+            if v is obs.lhs:
+                slots.append(("x", None))
+            elif isinstance(v, jcore.Literal):
+                slots.append(("lit", v.val))
+            else:
+                slots.append(("var", want(v)))
+        plans[g] = (obs, eqn, slots, want(obs.lhs))
+    jaxpr = closed.jaxpr.replace(outvars=list(wanted), debug_info=closed.jaxpr.debug_info)
+    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
+    leaves = jax.tree_util.tree_leaves(nnx.split(model)[1])
+    captured = jax.jit(lambda leaves, x: fn(*leaves, x))(leaves, jnp.asarray(images))
+
+    games = {}
+    for g, (obs, eqn, slots, xi) in plans.items():
+        x = captured[xi]
+        operands = tuple(captured[j] for kind, j in slots if kind == "var")
+        positions = obs.positions
+        length = x.shape[obs.axis]
+
+        def value(mask, x, *operands, eqn=eqn, slots=slots, positions=positions, length=length, axis=obs.axis):
+            # 1 where a channel of this group is removed; other positions (another group's
+            # channels at a concatenation) are not this game's business.
+            drop = jnp.zeros(length, x.dtype).at[positions.reshape(-1)].set(
+                jnp.repeat(1.0 - mask.astype(x.dtype), positions.shape[1]))
+            shape = [1] * x.ndim
+            shape[axis] = length
+
+            def op(inp):
+                ops = iter(operands)
+                vals = [inp if k == "x" else (v if k == "lit" else next(ops)) for k, v in slots]
+                out = eqn.primitive.bind(*vals, **eqn.params)
+                return out[0] if eqn.primitive.multiple_results else out
+
+            full = op(x)
+            removed = op(x * drop.reshape(shape))
+            return -jnp.sum(removed.astype(jnp.float32) ** 2) / jnp.maximum(jnp.sum(full.astype(jnp.float32) ** 2),
+                                                                            1e-30)
+
+        games[g] = (value, (x, *operands))
+    return games
+
+
+# ---------------------------------------------------------------------------- the method
+
+def _options(ctx: MethodContext) -> dict:
+    unknown = set(ctx.options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)} for ic-shapley; valid options: {', '.join(sorted(DEFAULTS))}")
+    o = {**DEFAULTS, **ctx.options}
+    if o["fusion"] not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {o['fusion']!r}")
+    if o["value"] not in VALUES:
+        raise ValueError(f"value must be one of {', '.join(VALUES)}; got {o['value']!r}")
+    w = o["weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+        raise ValueError(f"weight (the rank's share in fusion='weighted') must be a number in [0, 1]; got {w!r}")
+    for name, least in (("bins", 2), ("permutations", 1), ("shapley_samples", 1), ("coalition_batch", 1),
+                        ("batch_size", 1)):
+        v = o[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}; got {v!r}")
+    if not isinstance(o["antithetic"], bool):
+        raise ValueError(f"antithetic must be True or False; got {o['antithetic']!r}")
+    return o
+
+
+def _selector(ctx: MethodContext):
+    opts = _options(ctx)
+    names = list(ctx.groups)
+    t0 = time.perf_counter()
+    rank, entropy = {}, {}
+    for gf in iter_features(ctx.model, ctx.images, names, batch_size=opts["batch_size"]):
+        maps = _square_maps(gf.features[:1], gf.map_shape)
+        rank[gf.group] = float(feature_map_ranks(gf.features, gf.map_shape).mean() / min(maps.shape[2:]))
+        entropy[gf.group] = float(np.asarray(pooled_entropy(gf.features, opts["bins"])).mean() / math.log(opts["bins"]))
+    ic = information_concentration([rank[n] for n in names], [entropy[n] for n in names], opts["fusion"],
+                                   float(opts["weight"]))
+    uniform = bool(np.all(1.0 - ic < 1e-6))
+    if uniform:  # one group, or identical layers: IC carries no relative information
+        ic = np.zeros_like(ic)
+    t_ind = time.perf_counter() - t0
+
+    # Shapley values within each layer.
+    n_s = min(int(opts["shapley_samples"]), len(ctx.images))
+    pick = np.sort(ctx.rng.choice(len(ctx.images), n_s, replace=False))
+    images, labels = ctx.images[pick], np.asarray(ctx.labels)[pick].astype(np.int64)
+    key = jax.random.key(int(ctx.rng.integers(2**31 - 1)))
+    values, stderr, evaluations = {}, {}, 0
+    if opts["value"] == "loss":
+        game = loss_game(ctx.model, ctx.graph, ctx.groups, images, labels)
+    else:
+        games = reconstruction_games(ctx.model, images, names)
+    for n in names:
+        key, sub = jax.random.split(key)
+        size = ctx.groups[n].size
+        if opts["value"] == "loss":
+            est = shapley.permutation_shapley(functools.partial(game, n), size, sub, opts["permutations"],
+                                              batch_size=opts["coalition_batch"], vectorized=True,
+                                              antithetic=opts["antithetic"])
+        else:
+            fn, args = games[n]
+            est = shapley.permutation_shapley(fn, size, sub, opts["permutations"], batch_size=opts["coalition_batch"],
+                                              args=args, antithetic=opts["antithetic"])
+        values[n], stderr[n] = est.values, est.stderr
+        evaluations += est.evaluations
+    t_shap = time.perf_counter() - t0 - t_ind
+
+    sizes = np.array([ctx.groups[n].size for n in names])
+    floors = np.array([ctx.floors[n] for n in names])
+    ctx.info.update(
+        information_concentration={n: round(float(v), 4) for n, v in zip(names, ic)},
+        rank={n: round(v, 4) for n, v in rank.items()},
+        entropy={n: round(v, 4) for n, v in entropy.items()},
+        ic_uniform_fallback=uniform,
+        shapley_value=opts["value"],
+        shapley_evaluations=evaluations,
+        shapley_mean_stderr={n: float(np.mean(stderr[n])) for n in names},
+        seconds_indicators=round(t_ind, 2),
+        seconds_shapley=round(t_shap, 2),
+    )
+
+    def select(s: float):
+        counts = keep_counts(ic, s, sizes, floors)
+        masks = {}
+        for n, k in zip(names, counts):
+            order = np.lexsort((np.arange(len(values[n])), -values[n]))  # best first, ties: lower index
+            m = np.zeros(len(values[n]), bool)
+            m[order[:k]] = True
+            masks[n] = m
+        return masks
+
+    select.scores_at = lambda s: values
+    select.knob_value = lambda s: float(s)
+    gaps = 1.0 - ic
+    hi = 1.0 / gaps[gaps > 1e-9].min() * (1 + 1e-6) if (gaps > 1e-9).any() else 1.0
+    return select, 0.0, float(hi), False
+
+
+register_method("ic-shapley", selector=_selector,
+                description="information concentration sets layer widths, Shapley values pick channels "
+                            "(Chen & Wang 2024)")
