@@ -27,7 +27,7 @@ Options (``prune(..., method, **options)``), defaults chosen as documented in
 
 ``kernel`` ("laplacian"), ``response`` ("R2"), ``profiles`` ("logits": class-mean logits;
 "P": the layer's P columns), ``rho`` (0.6), ``linkage`` ("average"), ``structure_weight``
-(0.7: Omega's weight relative to lam), ``nonneg`` (True), ``grid`` (48 lambdas),
+(0.7: Omega's weight relative to lam), ``nonneg`` (False), ``grid`` (48 lambdas),
 ``lam_range`` (1e-4: smallest lambda relative to the largest), ``mu`` (0.1), ``maxiter``
 (500), ``batch_size`` (128).
 """
@@ -50,7 +50,7 @@ __all__ = ["RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
 DEFAULTS = dict(kernel="laplacian", response="R2", profiles="logits", rho=0.6, linkage="average",
-                structure_weight=0.7, nonneg=True, grid=48, lam_range=1e-4, mu=0.1, maxiter=500,
+                structure_weight=0.7, nonneg=False, grid=48, lam_range=1e-4, mu=0.1, maxiter=500,
                 batch_size=128)
 
 
@@ -199,7 +199,7 @@ def _select_factory(method: str):
         t_stats = time.perf_counter() - t0
 
         # One lambda grid for all layers (normalised kernels make them comparable).
-        pmax = max(float(np.max(np.asarray(P))) for _, P in problems.values())
+        pmax = max(float(np.max(np.abs(np.asarray(P)))) for _, P in problems.values())  # lambda_max of the lasso
         lams = np.geomspace(pmax * opts["lam_range"], pmax, opts["grid"])
         structure = None
         if method != "hsic-lasso" and num_classes > 1:  # one class: no edges, no tree: plain lasso
