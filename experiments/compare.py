@@ -123,7 +123,9 @@ def main(argv=None) -> int:
         base = evaluate(model, ds)
         c0 = counting.count(model)
         rows, widths, tsne_data = [], {}, {}
-        test_x, test_y = ds.arrays(ds.eval_split, max_examples=600 if not args.smoke else 100)
+        test_x, test_y = ds.arrays(ds.eval_split, max_examples=ds.num_examples(ds.eval_split))
+        pick = np.random.default_rng(0).permutation(len(test_y))[: 600 if not args.smoke else 100]
+        test_x, test_y = test_x[pick], test_y[pick]  # a class-mixed subset for the t-SNE
         tsne_data["before pruning"] = (penultimate_features(model, test_x), test_y)
         for budget in budgets:
             for method in methods:
