@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -33,8 +33,10 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "GroupFeatures",
+    "capture",
     "collect_features",
     "iter_features",
+    "padded_batches",
     "penultimate_features",
 ]
 
@@ -67,16 +69,42 @@ def _per_sample_bytes(obs: coupling.Observation) -> int:
     return 4 * (lhs * (c * r) // obs.lhs.aval.shape[obs.axis] + out)
 
 
-def _capture_fn(graph: coupling.ChannelGraph, observations: Sequence[coupling.Observation]):
+def capture(graph: coupling.ChannelGraph, variables: Sequence) -> Any:
+    """A jitted ``fn(leaves, x) -> [arrays]`` returning ``variables`` of the traced program.
+
+    ``variables`` are jaxpr variables of ``graph.jaxpr`` (e.g. an observation's ``lhs`` and
+    ``out``); ``leaves`` are the model's state leaves (``tree_leaves(nnx.split(model)[1])``)
+    and ``x`` a batch of ``graph.batch`` inputs. No model needs hooks.
+    """
     closed = graph.jaxpr
+    jaxpr = closed.jaxpr.replace(outvars=list(variables), debug_info=closed.jaxpr.debug_info)
+    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
+    return jax.jit(lambda leaves, x: fn(*leaves, x))
+
+
+def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``(batch, real)`` pairs of exactly ``min(batch_size, N)`` rows each.
+
+    The last batch is zero-padded so one compiled shape serves every batch; callers keep
+    the first ``real`` rows of the results.
+    """
+    n = images.shape[0]
+    bs = min(int(batch_size), n)
+    for start in range(0, n, bs):
+        x = images[start : start + bs]
+        real = x.shape[0]
+        if real < bs:
+            x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
+        yield x, real
+
+
+def _capture_fn(graph: coupling.ChannelGraph, observations: Sequence[coupling.Observation]):
     wanted = []
     for o in observations:
         for v in (o.lhs, o.out):
             if all(v is not w for w in wanted):
                 wanted.append(v)
-    jaxpr = closed.jaxpr.replace(outvars=list(wanted), debug_info=closed.jaxpr.debug_info)
-    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
-    return jax.jit(lambda leaves, x: fn(*leaves, x)), wanted
+    return capture(graph, wanted), wanted
 
 
 def _extract(obs: coupling.Observation, lhs: np.ndarray) -> np.ndarray:
@@ -143,11 +171,7 @@ def iter_features(
         fn, wanted = _capture_fn(graph, group_pass)
         feats = {o.group: [] for o in group_pass}
         resp = {o.group: [] for o in group_pass}
-        for start in range(0, n, bs):
-            x = images[start : start + bs]
-            real = x.shape[0]
-            if real < bs:  # keep one compiled shape: pad the last batch, then drop the padding
-                x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
+        for x, real in padded_batches(images, bs):
             outs = [np.asarray(a)[:real] for a in fn(leaves, x)]
             by_var = {id(v): a for v, a in zip(wanted, outs)}
             for o in group_pass:
@@ -181,19 +205,9 @@ def penultimate_features(model: nnx.Module, images: np.ndarray, batch_size: int 
     n = images.shape[0]
     bs = min(int(batch_size), n)
     graph = coupling.trace_channels(model, images.shape[1:], batch=bs, strict=False)
-    site = graph.last_site()
-    closed = graph.jaxpr
-    jaxpr = closed.jaxpr.replace(outvars=[site.lhs], debug_info=closed.jaxpr.debug_info)
-    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
-    run = jax.jit(lambda leaves, x: fn(*leaves, x)[0])
+    run = capture(graph, [graph.last_site().lhs])
     leaves = jax.tree_util.tree_leaves(nnx.split(model)[1])
-    out = []
-    for start in range(0, n, bs):
-        x = images[start : start + bs]
-        real = x.shape[0]
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
-        out.append(np.asarray(run(leaves, x))[:real].reshape(real, -1))
+    out = [np.asarray(run(leaves, x)[0])[:real].reshape(real, -1) for x, real in padded_batches(images, bs)]
     return np.concatenate(out)
 
 

@@ -76,12 +76,8 @@ import numpy as np
 from flax import nnx
 
 from ib_lasso_jax import coupling
+from ib_lasso_jax.features import capture, padded_batches
 from ib_lasso_jax.pruning import MethodContext, register_method
-
-try:
-    from jax.extend import core as jcore
-except ImportError:  # pragma: no cover
-    from jax import core as jcore  # type: ignore
 
 __all__ = [
     "EntropicSolution",
@@ -352,24 +348,6 @@ def _units(graph, obs, eqn):
     return cols, num, np.arange(obs.positions.shape[0])
 
 
-def _capture(graph, wanted):
-    closed = graph.jaxpr
-    jaxpr = closed.jaxpr.replace(outvars=list(wanted), debug_info=closed.jaxpr.debug_info)
-    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
-    return jax.jit(lambda leaves, x: fn(*leaves, x))
-
-
-def _batches(images, batch_size):
-    n = images.shape[0]
-    bs = min(int(batch_size), n)
-    for s in range(0, n, bs):
-        x = images[s : s + bs]
-        real = x.shape[0]
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real, *x.shape[1:]), x.dtype)])
-        yield x, real
-
-
 def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, group: str, *,
                   keep_out: np.ndarray | None = None, centred: bool = True,
                   batch_size: int = 128) -> LayerMoments:
@@ -388,8 +366,8 @@ def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, 
     gy = gx if same else coupling.trace_channels(model_y, images.shape[1:], batch=bs, strict=False)
     oy = ox if same else gy.observation(group)
     ey = ex if same else _eqn_of(gy, oy.out)
-    fx = _capture(gx, [ox.lhs] if not same else [ox.lhs, ox.out])
-    fy = None if same else _capture(gy, [oy.out])
+    fx = capture(gx, [ox.lhs] if not same else [ox.lhs, ox.out])
+    fy = None if same else capture(gy, [oy.out])
     lx = jax.tree_util.tree_leaves(nnx.split(model_x)[1])
     ly = lx if same else jax.tree_util.tree_leaves(nnx.split(model_y)[1])
     keep = None if keep_out is None else jnp.asarray(np.flatnonzero(keep_out))
@@ -406,7 +384,7 @@ def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, 
         return X.T @ X, X.T @ Y, jnp.sum(Y * Y), X.sum(0), Y.sum(0), real * rows
 
     acc = None
-    for x, real in _batches(images, bs):
+    for x, real in padded_batches(images, bs):
         if same:
             lhs, out = fx(lx, x)
         else:

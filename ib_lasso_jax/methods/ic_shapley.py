@@ -58,7 +58,7 @@ import numpy as np
 from flax import nnx
 
 from ib_lasso_jax import coupling, shapley
-from ib_lasso_jax.features import iter_features
+from ib_lasso_jax.features import capture, iter_features
 from ib_lasso_jax.pruning import MethodContext, register_method
 
 try:
@@ -263,10 +263,8 @@ def reconstruction_games(model: nnx.Module, images, groups) -> dict:
             else:
                 slots.append(("var", want(v)))
         plans[g] = (obs, eqn, slots, want(obs.lhs))
-    jaxpr = closed.jaxpr.replace(outvars=list(wanted), debug_info=closed.jaxpr.debug_info)
-    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
     leaves = jax.tree_util.tree_leaves(nnx.split(model)[1])
-    captured = jax.jit(lambda leaves, x: fn(*leaves, x))(leaves, jnp.asarray(images))
+    captured = capture(graph, wanted)(leaves, jnp.asarray(images))
 
     games = {}
     for g, (obs, eqn, slots, xi) in plans.items():
