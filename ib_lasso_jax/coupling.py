@@ -756,40 +756,38 @@ class ChannelGraph:
         Returns:
           ``{(param_path, axis): keep}`` for each axis whose size changes or may change.
         """
-        masks = self.check_masks(masks, policy)
-        keep_space: dict[int, np.ndarray] = {}
-        for name, m in masks.items():
-            space = self._group_space[name]
-            keep_space[space] = m
+        keep_space = self._keep_by_space(masks, policy)
         out = {}
         for p, ns in self._param_nodes.items():
             for axis, n in enumerate(ns):
-                s = self._t.nodes.find(n)
-                rs, rp = self._resolve(s)
-                if not any(r in keep_space for r in np.unique(rs)):
-                    continue
-                keep = np.ones(len(rs), bool)
-                for r, m in keep_space.items():
-                    sel = rs == r
-                    if sel.any():
-                        keep[sel] = m[self._own_index[r][rp[sel]]]
-                out[(p, axis)] = keep
+                keep = self._space_keep(self._t.nodes.find(n), keep_space)
+                if keep is not None:
+                    out[(p, axis)] = keep
         return out
 
     def space_keep_counts(self, masks: Mapping[str, np.ndarray], policy: str = "inner") -> dict[int, int]:
         """Kept positions per producer space (the new width of each producer's output)."""
-        masks = self.check_masks(masks, policy)
+        keep_space = self._keep_by_space(masks, policy)
         counts = {}
-        keep_space = {self._group_space[n]: m for n, m in masks.items()}
         for space in self._producer_spaces:
-            rs, rp = self._resolve(space)
-            keep = np.ones(len(rs), bool)
-            for r, m in keep_space.items():
-                sel = rs == r
-                if sel.any():
-                    keep[sel] = m[self._own_index[r][rp[sel]]]
-            counts[space] = int(keep.sum())
+            keep = self._space_keep(space, keep_space)
+            counts[space] = self._t.nodes.size[space] if keep is None else int(keep.sum())
         return counts
+
+    def _keep_by_space(self, masks, policy) -> dict[int, np.ndarray]:
+        return {self._group_space[n]: m for n, m in self.check_masks(masks, policy).items()}
+
+    def _space_keep(self, space: int, keep_space: dict[int, np.ndarray]) -> np.ndarray | None:
+        """Keep vector over ``space``'s positions, or None if no masked group reaches it."""
+        rs, rp = self._resolve(space)
+        keep = None
+        for r, m in keep_space.items():
+            sel = rs == r
+            if sel.any():
+                if keep is None:
+                    keep = np.ones(len(rs), bool)
+                keep[sel] = m[self._own_index[r][rp[sel]]]
+        return keep
 
     def check_masks(self, masks: Mapping[str, Any], policy: str = "inner") -> dict[str, np.ndarray]:
         """Validate masks: known group names, right lengths, at least one channel kept."""
