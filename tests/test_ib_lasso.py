@@ -1,5 +1,6 @@
 """hsic-lasso, sGLP-IB and sTLP-IB on the common pruning path."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,3 +117,34 @@ def test_layer_lambda_for_count():
         assert int((np.linalg.norm(np.asarray(B), axis=1) > 0).sum()) == nnz
     with pytest.raises(ValueError, match=r"count must be in \[1, 10\]"):
         layer_lambda_for_count(solver, Q, P, 11)
+
+
+def test_grid_path_mode_matches_vmap_mode():
+    """The warm-started path (the default on one CPU device) reaches the same solutions."""
+    from ib_lasso_jax.methods.ib_lasso import grid_mode_for_devices
+
+    rng = np.random.default_rng(4)
+    y = np.arange(40) % 4
+    F = rng.normal(size=(40, 12, 4)).astype(np.float32) + 0.5 * y[:, None, None] * (np.arange(12) < 5)[None, :, None]
+    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, 4), "laplacian")
+    lams = np.geomspace(1e-3, 1.0, 16) * float(np.abs(np.asarray(P)).max())
+    solver = StructuredLasso("lasso", maxiter=5000)
+    Bv, _ = solve_grid(solver, Q, P, lams, 0.0, mode="vmap")
+    Bp, it = solve_grid(solver, Q, P, lams, 0.0, mode="path")
+    assert it.shape == (16,)
+    Q64, P64 = np.asarray(Q, np.float64), np.asarray(P, np.float64)
+
+    def objective(B, lam):
+        B = np.asarray(B, np.float64)
+        return 0.5 * np.sum(B * (Q64 @ B)) - np.sum(B * P64) + lam * np.abs(B).sum()
+
+    with jax.enable_x64(True):
+        tight = StructuredLasso("lasso", maxiter=50000, tol=1e-14)
+        for i, lam in enumerate(lams):
+            ref = objective(tight.run(None, Q64, P64, float(lam))[0], lam)
+            gap = -ref + 1e-12  # F(0) - F*: suboptimality is measured relative to it
+            assert objective(Bp[i], lam) - ref <= 1e-3 * gap
+            assert objective(Bv[i], lam) - ref <= 1e-3 * gap
+    assert grid_mode_for_devices() == "vmap"  # 4 forced CPU devices here: the sharded grid
+    with pytest.raises(ValueError, match="mode must be one of auto, vmap, path; got 'loop'"):
+        solve_grid(solver, Q, P, lams, 0.0, mode="loop")

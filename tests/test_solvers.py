@@ -216,3 +216,37 @@ def test_bad_inputs(problem):
         StructuredLasso(penalty="graph", structure=problem["tree"])
     with pytest.raises(ValueError, match="P has 3 classes but the tree structure has 4"):
         solver(problem, "tree").run(None, q, p[:, :3], (1.0, 1.0))
+
+
+@pytest.mark.parametrize("penalty", ["lasso", "tree", "graph"])
+def test_path_matches_cold_tight_solves(problem, penalty):
+    """The warm-started path (lax.scan, residual stopping) reaches each lambda's optimum."""
+    s = solver(problem, penalty, nonneg=penalty == "lasso", maxiter=5000)
+    q, p = problem["Q"], problem["P"]
+    lams = np.array([2.0, 60.0, 5.0, 20.0, 0.5])  # any order; returned in this order
+    sw = 0.5
+    bs, states = s.path(q, p, lams, structure_weight=sw)
+    assert bs.shape == (len(lams), D, K) and states.iter_num.shape == (len(lams),)
+    tight = solver(problem, penalty, nonneg=penalty == "lasso", maxiter=20000, tol=1e-14)
+    cold_iters = 0
+    for i, lam in enumerate(lams):
+        hp = lam if penalty == "lasso" else (lam, sw * lam)
+        _, ref = tight.run(None, q, p, hp)
+        _, cold = solver(problem, penalty, nonneg=penalty == "lasso", maxiter=5000, criterion="residual").run(None, q, p, hp)
+        cold_iters += int(cold.iter_num)
+        assert abs(float(states.objective[i]) - float(ref.objective)) <= 1e-6 * abs(float(ref.objective))
+        assert float(states.error[i]) <= 1e-8  # the float64 residual tolerance
+    assert int(states.iter_num.sum()) < cold_iters  # warm starts pay
+
+
+def test_residual_criterion_does_not_stop_a_warm_start_early(problem):
+    s = solver(problem, "lasso")
+    q, p = problem["Q"], problem["P"]
+    b20, _ = s.run(None, q, p, 20.0)
+    _, ref = solver(problem, "lasso", maxiter=20000, tol=1e-14).run(None, q, p, 15.0)
+    _, warm = solver(problem, "lasso", criterion="residual").run(b20, q, p, 15.0)
+    assert abs(float(warm.objective) - float(ref.objective)) <= 1e-8 * abs(float(ref.objective))
+    with pytest.raises(ValueError, match="criterion must be one of objective, residual; got 'gap'"):
+        StructuredLasso(criterion="gap")
+    with pytest.raises(ValueError, match="lams must be a non-empty 1-D array"):
+        s.path(q, p, np.array([1.0, np.nan]))
