@@ -5,7 +5,9 @@ trained baseline is pruned to a fixed FLOPs budget with each variant; the metric
 accuracy right after pruning with BatchNorm statistics re-estimated on training batches (no
 weight update), averaged over calibration seeds. Variants change one option from the
 default: response (R1 / R2 / R4), class-profile source (logits / P), kernel (laplacian /
-gaussian / linear), non-negativity, structure weight (0 = per-class lasso).
+gaussian / linear), non-negativity, structure weight (0 = per-class lasso). For
+``--methods ic-shapley`` the variants are its layer-ratio ``spread`` and its Shapley value
+function instead.
 
     python experiments/ablation_ib.py --out results/ablation     # about 10 minutes on 2 CPU cores
 
@@ -44,6 +46,19 @@ VARIANTS = [
     ("nonneg=False+gaussian", {"nonneg": False, "kernel": "gaussian"}),
     ("nonneg=False+gaussian+rho=0", {"nonneg": False, "kernel": "gaussian", "rho": 0.0}),
 ]
+# ic-shapley's layer-ratio rule (spread: 0 uniform, 1 the bare r = s (1 - IC)) and value function.
+IC_VARIANTS = [
+    ("default", {}),
+    ("spread=0", {"spread": 0.0}),
+    ("spread=0.25", {"spread": 0.25}),
+    ("spread=0.75", {"spread": 0.75}),
+    ("spread=1", {"spread": 1.0}),
+    ("value=reconstruction", {"value": "reconstruction"}),
+    ("value=reconstruction+spread=0", {"value": "reconstruction", "spread": 0.0}),
+    ("value=reconstruction+spread=0.25", {"value": "reconstruction", "spread": 0.25}),
+    ("value=reconstruction+spread=0.75", {"value": "reconstruction", "spread": 0.75}),
+    ("value=reconstruction+spread=1", {"value": "reconstruction", "spread": 1.0}),
+]
 
 
 def baseline(out: Path, epochs: int, smoke: bool):
@@ -72,11 +87,13 @@ def main(argv=None) -> int:
     ds = load_dataset("mnist5k", image_size=32)
     base_acc = evaluate(model, ds)["accuracy"]
     results = []
-    variants = VARIANTS[:2] if args.smoke else VARIANTS
-    if args.only:
-        wanted = args.only.split(",")
-        variants = [v for v in VARIANTS if v[0] in wanted]
     for method in args.methods.split(","):
+        variants = IC_VARIANTS if method == "ic-shapley" else VARIANTS
+        if args.only:
+            wanted = args.only.split(",")
+            variants = [v for v in variants if v[0] in wanted]
+        elif args.smoke:
+            variants = variants[:2]
         for label, options in variants:
             if method != "sglp-ib" and "rho" in options:
                 continue  # rho shapes the class graph: sGLP-IB only

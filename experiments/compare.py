@@ -15,7 +15,12 @@ Outputs in ``--out``: ``compare.md`` (mean +- std over seeds), ``compare.json``,
 ``tsne_<model>.png`` (penultimate features before / after sGLP-IB pruning, the paper's Fig. 2).
 
     python experiments/compare.py --out results/compare                       # full: hours on 2 CPU cores
-    python experiments/compare.py --models vgg --seeds 1 --out results/compare_vgg   # ~15 minutes
+    python experiments/compare.py --models vgg --seeds 1 --out results/compare_vgg   # ~25 minutes
+
+Every finished (model, budget, method, seed) cell is stored at once in
+``--out/rows/<model>_<method>_<budget>_<seed>.json`` and reused by a later run with the same
+``--out``, so a long run can be stopped and continued (``--redo METHOD`` recomputes one
+method's cells, e.g. after changing it).
 """
 
 from __future__ import annotations
@@ -110,8 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="baseline training epochs")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--redo", default="", help="comma-separated methods whose stored cells are recomputed")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    redo = set(filter(None, args.redo.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("mnist5k", image_size=32)
@@ -130,6 +137,20 @@ def main(argv=None) -> int:
         for budget in budgets:
             for method in methods:
                 for seed in range(args.seeds):
+                    cell = out / "rows" / f"{name}_{method}_{budget}_{seed}.json"
+                    want_tsne = budget == max(budgets) and seed == 0 and method == "sglp-ib"
+                    if cell.exists() and method not in redo and not want_tsne:
+                        row = json.loads(cell.read_text())
+                        rows.append(row)
+                        if budget == max(budgets) and seed == 0:
+                            if "widths" not in row:  # a cell stored before widths were recorded
+                                images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
+                                _, report = prune(model, (images, labels), method, target_flops=budget, seed=seed)
+                                row["widths"] = {g: v["after"] for g, v in report.groups.items()}
+                                cell.write_text(json.dumps(row, indent=1))
+                            widths[method] = row["widths"]
+                        print(f"{name} -{100 * budget:.0f}% {method:10s} seed {seed}: stored in {cell}", flush=True)
+                        continue
                     images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
                     small, report = prune(model, (images, labels), method, target_flops=budget, seed=seed)
                     reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed)), num_batches=16)
@@ -146,8 +167,13 @@ def main(argv=None) -> int:
                     row = {"model": name, "budget": budget, "method": method, "seed": seed,
                            "acc_pruned": acc_p, "acc_finetuned": acc_f, "params": report.params_after,
                            "flops": report.flops_after, "flops_reduction": report.flops_reduction,
-                           "params_reduction": report.params_reduction, "seconds": report.seconds}
+                           "params_reduction": report.params_reduction, "seconds": report.seconds,
+                           "widths": {g: v["after"] for g, v in report.groups.items()}}
                     rows.append(row)
+                    cell.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cell.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(row, indent=1))
+                    tmp.replace(cell)  # atomic: a killed run never leaves half a cell
                     print(f"{name} -{100 * budget:.0f}% {method:10s} seed {seed}: pruned {100 * acc_p:6.2f}%  "
                           f"finetuned {100 * acc_f:6.2f}%  FLOPs -{100 * report.flops_reduction:.1f}%  "
                           f"({report.seconds:.1f} s)", flush=True)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import randomise_batchnorm
 from ib_lasso_jax import coupling, surgery
-from ib_lasso_jax.methods.ic_shapley import (feature_map_ranks, fuse, information_concentration, keep_counts,
+from ib_lasso_jax.methods.ic_shapley import (dispersion, feature_map_ranks, fuse, information_concentration, keep_counts,
                                              loss_game, pooled_entropy, prune_ratios, reconstruction_games)
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
@@ -82,9 +82,20 @@ def test_ratios_monotone_in_s():
         if prev_r is not None:
             assert np.all(r >= prev_r) and np.all(k <= prev_k)
         prev_r, prev_k = r, k
-    # Lower concentration, pruned harder; IC = 1 is never pruned.
-    r = prune_ratios(ic, 1.0)
+    # Lower concentration, pruned harder; with spread=1 (the bare rule) IC = 1 is never pruned.
+    r = prune_ratios(ic, 1.0, spread=1.0)
     assert r[0] > r[3] > r[1] > r[2] == 0.0
+    np.testing.assert_allclose(r, np.clip((1.0 - ic) / 0.8, 0, 1))  # d = (1 - IC) / max(1 - IC)
+    # The default spread keeps the order but bounds any two ratios within a factor of two.
+    r = prune_ratios(ic, 0.5)
+    assert r[0] > r[3] > r[1] > r[2] > 0.0
+    np.testing.assert_allclose(r[0] / r[2], 2.0)
+    np.testing.assert_allclose(dispersion(ic, 0.5), [1.0, 0.5 + 0.5 * 0.1 / 0.8, 0.5, 0.5 + 0.5 * 0.45 / 0.8])
+    np.testing.assert_allclose(dispersion(ic, 0.0), 1.0)  # uniform
+    np.testing.assert_allclose(dispersion(np.full(3, 0.4), 1.0), 1.0)  # identical layers: uniform
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"spread must be a number in \[0, 1\]"):
+            dispersion(ic, bad)
 
 
 def test_loss_game_equals_zero_channels(resnet, calib):
@@ -149,6 +160,7 @@ def test_prune_with_the_loss_game_and_other_fusions(fusion):
     ("weight", 1.5, r"weight .* must be a number in \[0, 1\]; got 1.5"),
     ("permutations", 0, "permutations must be an int >= 1; got 0"),
     ("bins", 1, "bins must be an int >= 2; got 1"),
+    ("spread", 2.0, r"spread must be a number in \[0, 1\]"),
     ("permutation", 3, r"unknown options \['permutation'\] for ic-shapley"),
 ])
 def test_bad_options_name_themselves(resnet, calib, option, value, message):
