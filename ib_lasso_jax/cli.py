@@ -8,6 +8,7 @@ Subcommands:
   finetune finetune a saved (e.g. pruned) model with an experiment config
   evaluate top-1 (and top-5) accuracy of a saved model on a data set
   prune    prune a saved model to a FLOPs/params target; saves the smaller model and a report
+  run      the whole pipeline of a paper config: baseline -> prune -> BN -> finetune -> report
 """
 
 from __future__ import annotations
@@ -196,6 +197,39 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _load_pipeline_config(name: str):
+    """A pipeline config: a name in experiments/papers or experiments/configs, or a .py path."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    init = root / "papers" / "__init__.py"
+    if not init.is_file():
+        raise ValueError(f"cannot find the paper configs (looked for {str(init)!r}); pass CONFIG as a path "
+                         "to a .py file or run from a source checkout")
+    spec = importlib.util.spec_from_file_location("ib_lasso_paper_configs", init)
+    papers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(papers)
+    if not name.endswith(".py") and name not in papers.available() and (root / "configs" / f"{name}.py").is_file():
+        name = str(root / "configs" / f"{name}.py")  # a pipeline-style config among the training configs
+    return papers.load(name)
+
+
+def _cmd_run(args) -> int:
+    from ib_lasso_jax import parallel, pipeline
+
+    parallel.maybe_initialize_distributed()
+    config = _load_pipeline_config(args.config).override(args.set or [])
+    if args.smoke:
+        config = config.replace(smoke=True)
+    if args.no_progress:
+        config = config.replace(progress=False)
+    result = pipeline.run(config, args.workdir)
+    if args.json:
+        print(json.dumps(result.report["ours"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
 
@@ -268,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: model/, report.json, report.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
     p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("run", help="the whole pipeline of a paper config (train/load, prune, finetune, report)")
+    p.add_argument("config", help="a name in experiments/papers (or a pipeline config in experiments/configs) "
+                                  "or a path to a .py file with get_config() -> PipelineConfig")
+    p.add_argument("--workdir", required=True, help="baseline/, pruned/, finetune/, model/, report.md, report.json")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field (JSON value; dotted keys), e.g. --set prune.target_flops=0.5; repeatable")
+    p.add_argument("--smoke", action="store_true", help="shrunk model, a few steps: checks a config in seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print our final numbers as JSON")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 
