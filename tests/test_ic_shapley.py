@@ -141,6 +141,16 @@ def test_prune_hits_flops_target(resnet, calib):
     out = small(jnp.asarray(calib[0][:2]))
     assert out.shape == (2, 10) and np.isfinite(np.asarray(out)).all()
 
+    # The Shapley estimates do not depend on the budget or the ratio rule: reused, identical.
+    _, again = prune(resnet, calib, "ic-shapley", target_flops=0.3, value="reconstruction", permutations=2,
+                     shapley_samples=16, floor=2, spread=0.2)
+    assert not info["shapley_reused"] and again.info["shapley_reused"]
+    assert again.info["shapley_mean_stderr"] == info["shapley_mean_stderr"]
+    assert abs(again.flops_reduction - 0.3) <= 0.01 * 0.3
+    _, other = prune(resnet, calib, "ic-shapley", target_flops=0.3, value="reconstruction", permutations=2,
+                     shapley_samples=16, floor=2, seed=5)  # another draw: estimated afresh
+    assert not other.info["shapley_reused"]
+
 
 @pytest.mark.parametrize("fusion", ["geometric", "weighted"])
 def test_prune_with_the_loss_game_and_other_fusions(fusion):

@@ -55,6 +55,7 @@ feature pass).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 
@@ -344,6 +345,29 @@ def _options(ctx: MethodContext) -> dict:
     return o
 
 
+# Shapley estimates do not depend on the budget: a second prune of the same model on the same
+# calibration draw with the same options (another FLOPs target, another ratio rule) reuses
+# them. Keyed by a digest of everything they depend on; a few entries at most.
+_SHAPLEY_MEMO: dict[str, tuple] = {}
+_MEMO_SIZE = 8
+
+
+def _memo_key(ctx: MethodContext, images, labels, names, opts, seed: int) -> str:
+    h = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(nnx.state(ctx.model)):
+        a = np.asarray(leaf)
+        h.update(str((a.shape, a.dtype)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    for n in names:
+        g = ctx.groups[n]
+        h.update(repr((n, g.size, sorted(g.params))).encode())
+    h.update(repr(sorted((k, opts[k]) for k in ("value", "permutations", "antithetic", "coalition_batch"))).encode())
+    h.update(repr(seed).encode())
+    return h.hexdigest()
+
+
 def _selector(ctx: MethodContext):
     opts = _options(ctx)
     names = list(ctx.groups)
@@ -362,13 +386,21 @@ def _selector(ctx: MethodContext):
     n_s = min(int(opts["shapley_samples"]), len(ctx.images))
     pick = np.sort(ctx.rng.choice(len(ctx.images), n_s, replace=False))
     images, labels = ctx.images[pick], np.asarray(ctx.labels)[pick].astype(np.int64)
-    key = jax.random.key(int(ctx.rng.integers(2**31 - 1)))
+    seed = int(ctx.rng.integers(2**31 - 1))
+    key = jax.random.key(seed)
     values, stderr, evaluations = {}, {}, 0
-    if opts["value"] == "loss":
-        game = loss_game(ctx.model, ctx.graph, ctx.groups, images, labels)
+    memo_key = _memo_key(ctx, images, labels, names, opts, seed)
+    cached = _SHAPLEY_MEMO.get(memo_key)
+    if cached is not None:  # same model, images, groups, options and draw: the same estimates
+        values, stderr, evaluations = cached
+        names_to_estimate = []
     else:
+        names_to_estimate = names
+    if names_to_estimate and opts["value"] == "loss":
+        game = loss_game(ctx.model, ctx.graph, ctx.groups, images, labels)
+    elif names_to_estimate:
         games = reconstruction_games(ctx.model, images, names)
-    for n in names:
+    for n in names_to_estimate:
         key, sub = jax.random.split(key)
         size = ctx.groups[n].size
         if opts["value"] == "loss":
@@ -381,6 +413,10 @@ def _selector(ctx: MethodContext):
                                               args=args, antithetic=opts["antithetic"])
         values[n], stderr[n] = est.values, est.stderr
         evaluations += est.evaluations
+    if cached is None:
+        _SHAPLEY_MEMO[memo_key] = (values, stderr, evaluations)
+        while len(_SHAPLEY_MEMO) > _MEMO_SIZE:
+            _SHAPLEY_MEMO.pop(next(iter(_SHAPLEY_MEMO)))
     t_shap = time.perf_counter() - t0 - t_ind
 
     spread = float(opts["spread"])
@@ -394,6 +430,7 @@ def _selector(ctx: MethodContext):
         ic_uniform_fallback=uniform,
         shapley_value=opts["value"],
         shapley_evaluations=evaluations,
+        shapley_reused=cached is not None,
         shapley_mean_stderr={n: float(np.mean(stderr[n])) for n in names},
         seconds_indicators=round(t_ind, 2),
         seconds_shapley=round(t_shap, 2),
