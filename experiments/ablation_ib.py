@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/ablation")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--target-flops", type=float, default=0.6)
+    p.add_argument("--target-flops", default="0.6", help="FLOPs reduction(s), comma-separated")
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--seeds", type=int, default=2, help="calibration draws")
     p.add_argument("--methods", default="sglp-ib,stlp-ib")
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     model = baseline(out, args.epochs, args.smoke)
     ds = load_dataset("mnist5k", image_size=32)
     base_acc = evaluate(model, ds)["accuracy"]
+    targets = [float(x) for x in str(args.target_flops).split(",")]
     results = []
     for method in args.methods.split(","):
         variants = IC_VARIANTS if method == "ic-shapley" else VARIANTS
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             variants = [v for v in variants if v[0] in wanted]
         elif args.smoke:
             variants = variants[:2]
-        for label, options in variants:
+        for target, (label, options) in [(tf, v) for tf in targets for v in variants]:
             if method != "sglp-ib" and "rho" in options:
                 continue  # rho shapes the class graph: sGLP-IB only
             if method == "hsic-lasso" and set(options) - {"nonneg", "kernel"}:
@@ -103,22 +104,23 @@ def main(argv=None) -> int:
             for seed in range(args.seeds):
                 images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
                 t = time.perf_counter()
-                small, report = prune(model, (images, labels), method, target_flops=args.target_flops, **options)
+                small, report = prune(model, (images, labels), method, target_flops=target, **options)
                 secs.append(time.perf_counter() - t)
                 reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed)), num_batches=16)
                 accs.append(evaluate(small, ds)["accuracy"])
-            row = {"method": method, "variant": label, "options": options, "accuracy": accs,
+            row = {"method": method, "target_flops": target, "variant": label, "options": options, "accuracy": accs,
                    "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": float(np.mean(secs))}
             results.append(row)
-            print(f"{method:8s} {label:20s} {100 * row['mean']:6.2f}% +- {100 * row['std']:.2f}  "
+            print(f"{method:8s} -{100 * target:.0f}% {label:20s} {100 * row['mean']:6.2f}% +- {100 * row['std']:.2f}  "
                   f"({row['seconds']:.1f} s)", flush=True)
-    lines = [f"# Ablation: narrow VGG-11 on mnist5k, FLOPs -{100 * args.target_flops:.0f}%, "
+    lines = [f"# Ablation: narrow VGG-11 on mnist5k, FLOPs -{', -'.join(f'{100 * x:.0f}%' for x in targets)}, "
              f"baseline {100 * base_acc:.2f}%", "",
              f"Accuracy right after pruning (BatchNorm re-estimated, no finetuning), mean +- std over "
              f"{args.seeds} calibration draws of {args.per_class} images per class.", "",
-             "| method | variant | accuracy | pruning time |", "|---|---|---:|---:|"]
+             "| method | FLOPs target | variant | accuracy | pruning time |", "|---|---|---|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['variant']} | {100 * r['mean']:.2f}% +- {100 * r['std']:.2f} | "
+        lines.append(f"| {r['method']} | -{100 * r['target_flops']:.0f}% | {r['variant']} | "
+                     f"{100 * r['mean']:.2f}% +- {100 * r['std']:.2f} | "
                      f"{r['seconds']:.1f} s |")
     (out / f"ablation{args.tag}.md").write_text("\n".join(lines) + "\n")
     (out / f"ablation{args.tag}.json").write_text(json.dumps({"baseline": base_acc, "rows": results}, indent=1))
