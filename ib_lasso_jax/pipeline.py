@@ -17,7 +17,8 @@ change is refused with an error naming the settings) and the finetuning checkpoi
 
 ``smoke=True`` makes any config run in seconds on a CPU (a ``runlocal`` switch):
 
-* both TrainConfigs get ``smoke=True`` (a few steps, see ``TrainConfig.resolved``);
+* both TrainConfigs get ``smoke=True`` (a few steps, see ``TrainConfig.resolved``) and run on
+  one device (compiling for one device is faster; the sharded path has its own tests);
 * the model is shrunk: every channel width of the width specification divided by
   :data:`SMOKE_WIDTH_DIVISOR` and clipped to [:data:`SMOKE_MIN_WIDTH`,
   :data:`SMOKE_MAX_WIDTH`] (:func:`shrink_widths`; the depth is unchanged), and
@@ -383,10 +384,11 @@ def smoke_config(config: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
             notes.append(f"image_size {train.image_size} -> {size}")
         notes.append(f"widths divided by {SMOKE_WIDTH_DIVISOR}, clipped to [{SMOKE_MIN_WIDTH}, {SMOKE_MAX_WIDTH}]")
         train = train.replace(widths=shrink_widths(widths, maximum=SMOKE_MAX_WIDTH), image_size=size, smoke=True, progress=False,
-                              num_steps=4)
+                              num_steps=4, data_parallel=False)
     if config.checkpoint is not None and config.train is not None:
         notes.append("checkpoint not read: a shrunk baseline is trained from `train`")
-    ft = config.finetune.replace(smoke=True, progress=False, image_size=train.image_size if train.model else None)
+    ft = config.finetune.replace(smoke=True, progress=False, image_size=train.image_size if train.model else None,
+                                 data_parallel=False)
     if ft.num_epochs or ft.num_steps:
         ft = ft.replace(num_steps=4)
     p = config.prune
@@ -550,7 +552,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
                            seed=p.seed, **p.options)
         report = rep.to_dict()
         acc_pruned_raw = None
-    times["prune_s"] = time.perf_counter() - t0 if small is not None else 0.0
+    times["prune_s"] = time.perf_counter() - t0
 
     # [3/5] BatchNorm re-estimation ----------------------------------------------------------
     t0 = time.perf_counter()
