@@ -1,6 +1,7 @@
 """DWGL, ResNet-20 on CIFAR-10.
 
-Paper: Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv 1910.09318.
+Paper: Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv
+1910.09318.
 Row: ResNet-20 CIFAR-10: 52.06% compression, +0.72% error.
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
@@ -9,13 +10,15 @@ seconds on a CPU with a shrunk model)::
 
     ib-lasso run dwgl_resnet20_cifar10 --workdir runs/dwgl_resnet20_cifar10 --set data_dir='"$DATA"'
 
-Expected runtime: estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning ~30 min on one H100.
+Expected runtime: estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning
+~30 min on one H100.
 
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
 
-Choices: As dwgl_resnet56_cifar10: compression read as FLOPs reduction; 30 DWGL epochs and 200 finetuning epochs are our choices; DWGL training reads TFDS's default data_dir.
+Choices: As dwgl_resnet56_cifar10: compression read as FLOPs reduction; 30 DWGL epochs and 200
+finetuning epochs are our choices; DWGL training reads TFDS's default data_dir.
 """
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
@@ -28,11 +31,12 @@ def get_config() -> PipelineConfig:
     return PipelineConfig(
         train=base,
         prune=PruneConfig(method="dwgl", target_flops=0.5206, per_class=20,
-                          options={"dataset": "cifar10", "epochs": 30, "batch_size": 128, "lam": 2e-3, "learning_rate": 0.01}),
+                          options={"dataset": "cifar10", "epochs": 30, "batch_size": 128,
+                                   "lam": 2e-3, "learning_rate": 0.01}),
         finetune=finetune_recipe(base, epochs=200, learning_rate=0.1),
         paper='Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv 1910.09318',
         paper_row='ResNet-20 CIFAR-10: 52.06% compression, +0.72% error',
         published={"compression": 0.5206, "accuracy_drop": 0.0072},
         expected_runtime='estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning ~30 min on one H100',
-        notes=__doc__.split("Choices: ", 1)[1].strip(),
+        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

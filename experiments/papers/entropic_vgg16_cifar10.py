@@ -9,13 +9,15 @@ seconds on a CPU with a shrunk model)::
 
     ib-lasso run entropic_vgg16_cifar10 --workdir runs/entropic_vgg16_cifar10 --set data_dir='"$DATA"'
 
-Expected runtime: estimate, not measured: baseline 1.5 h + pruning ~15 min + finetuning 30 epochs ~10 min on one H100.
+Expected runtime: estimate, not measured: baseline 1.5 h + pruning ~15 min + finetuning 30
+epochs ~10 min on one H100.
 
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
 
-Choices: Sparsity read as the params reduction at the low end of the range (73%); finetuning 30 epochs at lr 0.01 is our choice (a short recovery: the method reconstructs weights itself).
+Choices: Sparsity read as the params reduction at the low end of the range (73%); finetuning 30
+epochs at lr 0.01 is our choice (a short recovery: the method reconstructs weights itself).
 """
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
@@ -33,5 +35,5 @@ def get_config() -> PipelineConfig:
         paper_row='VGG-16 CIFAR-10: sparsity 73-89%, accuracy loss 0.1-0.5%',
         published={"params_reduction": 0.73, "accuracy_drop": 0.001},
         expected_runtime='estimate, not measured: baseline 1.5 h + pruning ~15 min + finetuning 30 epochs ~10 min on one H100',
-        notes=__doc__.split("Choices: ", 1)[1].strip(),
+        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

@@ -1,6 +1,7 @@
 """Information concentration + Shapley, ResNet-56 on CIFAR-10.
 
-Paper: Chen & Wang, "An Effective Information Theoretic Framework for Channel Pruning", arXiv 2408.16772.
+Paper: Chen & Wang, "An Effective Information Theoretic Framework for Channel Pruning", arXiv
+2408.16772.
 Row: ResNet-56 CIFAR-10: FLOPs -45.5%, params -40.3%, +0.21% accuracy.
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
@@ -9,13 +10,16 @@ seconds on a CPU with a shrunk model)::
 
     ib-lasso run ic_resnet56_cifar10 --workdir runs/ic_resnet56_cifar10 --set data_dir='"$DATA"'
 
-Expected runtime: estimate, not measured: baseline ~1 h + pruning ~15 min + finetuning ~1 h on one H100.
+Expected runtime: estimate, not measured: baseline ~1 h + pruning ~15 min + finetuning ~1 h on
+one H100.
 
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
 
-Choices: 64 images per class (640: HRank's rank sample size) for the ranks and entropies; Shapley values on the method's default 64 of them. Finetuning recipe: APIB's (the paper's is not known to us).
+Choices: 64 images per class (640: HRank's rank sample size) for the ranks and entropies;
+Shapley values on the method's default 64 of them. Finetuning recipe: APIB's (the paper's is not
+known to us).
 """
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
@@ -33,5 +37,5 @@ def get_config() -> PipelineConfig:
         paper_row='ResNet-56 CIFAR-10: FLOPs -45.5%, params -40.3%, +0.21% accuracy',
         published={"flops_reduction": 0.455, "params_reduction": 0.403, "accuracy_drop": -0.0021},
         expected_runtime='estimate, not measured: baseline ~1 h + pruning ~15 min + finetuning ~1 h on one H100',
-        notes=__doc__.split("Choices: ", 1)[1].strip(),
+        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )
