@@ -320,7 +320,7 @@ class StructuredLasso:
         tol: tolerance on the stopping quantity (see ``criterion``), or on jaxopt's
             fixed-point residual (backend ``"jaxopt"``). Default for ``"objective"``:
             ``1e-10`` in float64 and ``1e-6`` in float32 (objective round-off); for
-            ``"residual"``: ``1e-8`` and ``1e-4``. The objective-change rule stops when
+            ``"residual"``: ``1e-8`` and ``3e-4`` (on a 256-channel layer: 1.7e-6 relative suboptimality over a 64-lambda path, against 4e-5 for cold solves under the objective rule). The objective-change rule stops when
             progress per step is small, which for FISTA leaves a suboptimality of a few times
             the last change -- and much more when ``L`` is large (small ``mu``): lower ``tol``
             there.
@@ -383,7 +383,7 @@ class StructuredLasso:
         tol = self.tol if criterion == self.criterion else None
         if tol is None:
             f64 = jnp.finfo(dtype).bits >= 64
-            tol = (1e-10 if f64 else 1e-6) if criterion == "objective" else (1e-8 if f64 else 1e-4)
+            tol = (1e-10 if f64 else 1e-6) if criterion == "objective" else (1e-8 if f64 else 3e-4)
         return _Config(
             self.penalty, bool(self.nonneg), self.graph_method, float(self.mu), int(self.maxiter),
             float(tol), bool(self.acceleration), self.backend, criterion, int(self.prox_maxiter),

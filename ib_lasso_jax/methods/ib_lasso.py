@@ -87,10 +87,16 @@ def _check_classes(labels: np.ndarray, num_classes: int):
 
 
 def _logits(model, images, batch_size=256) -> np.ndarray:
-    out = []
-    for s in range(0, len(images), batch_size):
-        out.append(np.asarray(model(jnp.asarray(images[s : s + batch_size]))))
-    return np.concatenate(out)
+    """The model's outputs on ``images``, one compiled forward for every (padded) batch."""
+    from flax import nnx
+
+    from ib_lasso_jax.features import padded_batches
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    images = np.asarray(images, np.float32)
+    return np.concatenate([np.asarray(forward(state, jnp.asarray(x)))[:real]
+                           for x, real in padded_batches(images, batch_size)])
 
 
 def layer_problem(F, G, labels, num_classes, *, method: str, kernel: str, response: str, logits=None):
