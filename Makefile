@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Parallel test workers (pytest-xdist); the suite is sized for 2 cores.
 WORKERS ?= 2
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-papers install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --durations=15 tests
+
+# Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode
+# (1-2 minutes each on 2 CPU cores; `make test` runs two of them).
+test-papers: $(STAMP)
+	IB_LASSO_PAPER_SMOKE=all $(BIN)/python -m pytest -q -n $(WORKERS) tests/test_pipeline.py -k paper_config_smoke
+
+# Benchmarks print ratios measured side by side (no assertions).
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_gram.py
+	$(BIN)/python experiments/bench_lambda.py
+	$(BIN)/python experiments/bench_latency.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
