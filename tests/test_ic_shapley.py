@@ -86,10 +86,12 @@ def test_ratios_monotone_in_s():
     r = prune_ratios(ic, 1.0, spread=1.0)
     assert r[0] > r[3] > r[1] > r[2] == 0.0
     np.testing.assert_allclose(r, np.clip((1.0 - ic) / 0.8, 0, 1))  # d = (1 - IC) / max(1 - IC)
-    # The default spread keeps the order but bounds any two ratios within a factor of two.
-    r = prune_ratios(ic, 0.5)
+    # spread 0.5 keeps the order but bounds any two ratios within a factor of two (0.25: 4/3).
+    r = prune_ratios(ic, 0.5, spread=0.5)
     assert r[0] > r[3] > r[1] > r[2] > 0.0
     np.testing.assert_allclose(r[0] / r[2], 2.0)
+    r = prune_ratios(ic, 0.5)
+    np.testing.assert_allclose(r[0] / r[2], 4 / 3)
     np.testing.assert_allclose(dispersion(ic, 0.5), [1.0, 0.5 + 0.5 * 0.1 / 0.8, 0.5, 0.5 + 0.5 * 0.45 / 0.8])
     np.testing.assert_allclose(dispersion(ic, 0.0), 1.0)  # uniform
     np.testing.assert_allclose(dispersion(np.full(3, 0.4), 1.0), 1.0)  # identical layers: uniform
