@@ -89,10 +89,16 @@ def bench_network(n_per_class=13, full_reference=False, target=0.6):
 
     t = time.perf_counter()
     _, report = prune(model, (images, labels), "hsic-lasso", target_flops=target)
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    _, warm = prune(model, (images, labels), "hsic-lasso", target_flops=target)  # compiled programs cached
     t_ours = time.perf_counter() - t
     print(f"[2] VGG-16, CIFAR-shaped input, N={len(labels)}, global lambda search to FLOPs -{100 * target:.0f}%")
-    print(f"    ours: {t_ours:8.1f} s end to end (statistics {report.info['seconds_statistics']} s, "
-          f"grid solves {report.info['seconds_solve']} s), reached -{100 * report.flops_reduction:.1f}%")
+    print(f"    ours, first call: {t_first:8.1f} s end to end incl. XLA compilation (statistics "
+          f"{report.info['seconds_statistics']} s, grid solves {report.info['seconds_solve']} s, "
+          f"grid mode {report.info.get('grid_mode')}), reached -{100 * report.flops_reduction:.1f}%")
+    print(f"    ours, second call: {t_ours:8.1f} s (statistics {warm.info['seconds_statistics']} s, "
+          f"grid solves {warm.info['seconds_solve']} s)")
 
     # APIB-style reference: one bisection step = recompute kernels, build the design and fit
     # sklearn's Lasso for every layer.
@@ -127,7 +133,8 @@ def bench_network(n_per_class=13, full_reference=False, target=0.6):
         t_ref = t_step * steps
         how = f"measured {t_step:.1f} s per step x {steps} steps"
     print(f"    APIB-style reference: {t_ref:8.1f} s ({how})")
-    print(f"    ours is {t_ref / t_ours:6.1f}x faster (target >= 50x)")
+    print(f"    ours is {t_ref / t_first:6.1f}x faster on a first call, {t_ref / t_ours:6.1f}x on a second "
+          f"(target >= 50x)")
 
 
 def main():
