@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 small, report = prune(model, (images, labels), method, target_flops=target, **options)
                 secs.append(time.perf_counter() - t)
-                reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed)), num_batches=16)
+                reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed, shuffle=True)), num_batches=16)
                 accs.append(evaluate(small, ds)["accuracy"])
             row = {"method": method, "target_flops": target, "variant": label, "options": options, "accuracy": accs,
                    "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": float(np.mean(secs))}

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                         continue
                     images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
                     small, report = prune(model, (images, labels), method, target_flops=budget, seed=seed)
-                    reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed)), num_batches=16)
+                    reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed, shuffle=True)), num_batches=16)
                     acc_p = evaluate(small, ds)["accuracy"]
                     cfg = load_config(MODELS[name]).replace(
                         num_epochs=args.finetune_epochs, learning_rate=0.01, warmup_epochs=0, seed=seed,

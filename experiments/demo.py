@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     per_class = 3 if args.smoke else args.per_class
     images, labels = calibration_set(ds, per_class, seed=0)
-    train_batches = ds.batches("train", 128, seed=1, training=False)
+    train_batches = ds.batches("train", 128, seed=1, shuffle=True)
     rows = [("baseline", c_base.params, c_base.flops, acc_base, None, None)]
     reports = {}
     pruned_models = {}

@@ -187,7 +187,7 @@ def _cmd_prune(args) -> int:
                           floor=int(args.floor) if args.floor >= 1 else args.floor,
                           seed=args.seed, **options)
     if args.reestimate_bn:
-        reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed)), num_batches=args.reestimate_bn)
+        reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)), num_batches=args.reestimate_bn)
     # Everything is computed before anything is written; the save itself is atomic.
     checkpoint.save_model(out / "model", small, metadata=report.to_dict(), overwrite=args.overwrite)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))

