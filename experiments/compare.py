@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,9 @@ def main(argv=None) -> int:
                         widths[method] = {g: v["after"] for g, v in report.groups.items()}
                         if method == "sglp-ib":
                             tsne_data["after sGLP-IB (BN re-estimated)"] = (penultimate_features(small, test_x), test_y)
-                    tuned = finetune(small, cfg, out / "runs" / f"{name}_{method}_{budget}_{seed}").model
+                    run_dir = out / "runs" / f"{name}_{method}_{budget}_{seed}"
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a cell is recomputed whole, never resumed
+                    tuned = finetune(small, cfg, run_dir).model
                     acc_f = evaluate(tuned, ds)["accuracy"]
                     row = {"model": name, "budget": budget, "method": method, "seed": seed,
                            "acc_pruned": acc_p, "acc_finetuned": acc_f, "params": report.params_after,
