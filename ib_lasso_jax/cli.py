@@ -185,7 +185,7 @@ def _cmd_prune(args) -> int:
     small, report = prune(model, (images, labels), args.method, target_flops=args.target_flops,
                           target_params=args.target_params, policy=args.policy,
                           floor=int(args.floor) if args.floor >= 1 else args.floor,
-                          seed=args.seed, **options)
+                          seed=args.seed, round_to=args.round_to, **options)
     if args.reestimate_bn:
         reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)), num_batches=args.reestimate_bn)
     # Everything is computed before anything is written; the save itself is atomic.
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="inner", choices=["inner", "coupled"])
     p.add_argument("--floor", type=float, default=0.05, help="per-layer floor: fraction (<1) or channel count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="keep a multiple of N channels per layer (e.g. 8: faster kernels; see docs/latency.md)")
     p.add_argument("--reestimate-bn", type=int, default=16, metavar="BATCHES",
                    help="re-estimate BatchNorm statistics on this many training batches (0: keep)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. response=R1")

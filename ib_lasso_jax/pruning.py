@@ -37,6 +37,7 @@ __all__ = [
     "prune",
     "refine_to_target",
     "register_method",
+    "round_masks",
     "search_knob",
 ]
 
@@ -199,6 +200,38 @@ def masks_from_scores(scores: Mapping[str, np.ndarray], ratio: float | Mapping[s
     return masks
 
 
+def _rounded_count(k: int, size: int, round_to: int, floor: int) -> int:
+    """``k`` to the nearest multiple of ``round_to`` (ties up), at least the floor (rounded up)
+    and one block, at most ``size`` (a group's full size is always allowed)."""
+    r = int(round_to)
+    q = r * math.floor(k / r + 0.5)
+    q = max(q, r * math.ceil(max(floor, 1) / r))
+    return min(size, q)
+
+
+def round_masks(masks: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray], round_to: int | None,
+                floors: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Masks whose kept counts are multiples of ``round_to`` (or a group's full size).
+
+    Each group's count is rounded to the nearest multiple (ties up; never below its floor or
+    one block) and the channels are re-chosen by ``scores`` (best first, ties: lower index):
+    hardware runs convolutions whose channel counts are multiples of 8 or 16 faster, so a
+    9-channel layer can be slower than a 16-channel one (docs/latency.md). ``None`` or 1:
+    the masks unchanged.
+    """
+    if not round_to or int(round_to) == 1:
+        return dict(masks)
+    out = {}
+    for n, m in masks.items():
+        s = np.asarray(scores[n], np.float64)
+        k = _rounded_count(int(np.sum(m)), len(m), round_to, floors.get(n, 1))
+        order = np.lexsort((np.arange(len(s)), -s))
+        new = np.zeros(len(m), bool)
+        new[order[:k]] = True
+        out[n] = new
+    return out
+
+
 def search_knob(measure: Callable[[float], float], target: float, lo: float, hi: float, *,
                 tol: float = 0.01, increasing: bool = True, max_iter: int = 60, log: bool = False):
     """Bisect a scalar knob until ``measure(knob)`` (a reduction) is within ``tol`` of ``target``.
@@ -225,30 +258,38 @@ def search_knob(measure: Callable[[float], float], target: float, lo: float, hi:
     return knob, best[1], it
 
 
-def refine_to_target(masks, scores, reduction, target: float, tol: float, max_rounds: int = 50):
+def refine_to_target(masks, scores, reduction, target: float, tol: float, max_rounds: int = 50, step: int = 1):
     """Nudge masks channel by channel until ``reduction(masks)`` is within ``tol`` of ``target``.
 
     A uniform keep ratio moves every group at once, so the reduction it reaches is a step
     function with steps of a few percent on narrow networks. Starting from the masks the
     search found, add back (or remove) single channels, best (or worst) score first, in the
-    group whose one-channel change moves the reduction least, until within tolerance.
+    group whose one-channel change moves the reduction least, until within tolerance. With
+    ``step > 1`` a group's count moves to the next multiple of ``step`` up (at most its size)
+    or down (at least one block), so rounded masks stay rounded.
     """
     masks = {n: m.copy() for n, m in masks.items()}
     current = reduction(masks)
+    step = max(1, int(step))
     for _ in range(max_rounds):
         if abs(current - target) <= tol * target:
             break
         add = current > target
         best = None
         for n, m in masks.items():
-            cand = np.flatnonzero(~m) if add else np.flatnonzero(m)
-            if add and cand.size == 0 or (not add and m.sum() <= 1):
+            k = int(m.sum())
+            if add:
+                new_k = min(len(m), step * (k // step + 1))
+            else:
+                new_k = step * ((k - 1) // step)
+            if new_k == k or new_k < 1:
                 continue
-            s = np.asarray(scores[n])[cand]
-            i = cand[np.argmax(s)] if add else cand[np.argmin(s)]
+            cand = np.flatnonzero(~m) if add else np.flatnonzero(m)
+            s = np.asarray(scores[n], np.float64)[cand]
+            order = np.lexsort((cand, -s)) if add else np.lexsort((cand, s))  # best / worst first, ties: lower index
             trial = dict(masks)
             trial[n] = m.copy()
-            trial[n][i] = add
+            trial[n][cand[order[: abs(new_k - k)]]] = add
             value = reduction(trial)
             gap = abs(value - target)
             if best is None or gap < best[0]:
@@ -271,6 +312,7 @@ def prune(
     floor: int | float = 0.05,
     tolerance: float = 0.01,
     seed: int = 0,
+    round_to: int | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, PruneReport]:
     """Prune ``model`` with ``method`` to a target; returns ``(smaller_model, report)``.
@@ -288,6 +330,10 @@ def prune(
       floor: minimum channels kept per group: an int, or a fraction of the group.
       tolerance: relative tolerance on the target (0.01: within 1%).
       seed: for methods that draw random numbers.
+      round_to: keep a multiple of this many channels in every group (or the whole group),
+        e.g. 8 or 16 for hardware-friendly widths; the target search works on rounded masks
+        (the reachable reductions are coarser: the best within reach is returned if the
+        tolerance cannot be met). ``None``: any count.
       **options: method-specific options.
 
     Returns:
@@ -318,6 +364,10 @@ def prune(
             raise ValueError(f"calibration images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in number")
     elif spec.needs_data:
         raise ValueError(f"method {method!r} needs calibration data (images, labels)")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
+                                 or round_to < 1):
+        raise ValueError(f"round_to must be a positive int (channels per block, e.g. 8) or None; got {round_to!r}")
+    step = int(round_to or 1)
     floors = floor_counts(groups, floor)
     ctx = MethodContext(model, graph, groups, images, labels, policy, floors,
                         np.random.default_rng(seed), dict(options))
@@ -345,22 +395,33 @@ def prune(
             for r in (ratios.values() if isinstance(ratios, dict) else [ratios]):
                 if not 0.0 < r <= 1.0:
                     raise ValueError(f"keep ratios must be in (0, 1]; got {r!r}")
-            masks = masks_from_scores(scores, ratios, floors)
+            masks = round_masks(masks_from_scores(scores, ratios, floors), scores, round_to, floors)
         else:
             target = float(target_flops if target_flops is not None else target_params)
-            most = reduction(masks_from_scores(scores, 0.0, floors))
+            most = reduction(round_masks(masks_from_scores(scores, 0.0, floors), scores, round_to, floors))
             if most < target * (1 - tolerance):
                 raise ValueError(
                     f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): keeping only the "
                     f"floor removes {most:.3f}; lower the target or the floor"
                 )
-            knob, _, iters = search_knob(lambda r: reduction(masks_from_scores(scores, r, floors)), target,
-                                         0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
-            masks = masks_from_scores(scores, knob, floors)
-            masks = refine_to_target(masks, scores, reduction, target, tolerance)
+            knob, _, iters = search_knob(
+                lambda r: reduction(round_masks(masks_from_scores(scores, r, floors), scores, round_to, floors)),
+                target, 0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
+            masks = round_masks(masks_from_scores(scores, knob, floors), scores, round_to, floors)
+            masks = refine_to_target(masks, scores, reduction, target, tolerance, step=step)
             ctx.info["search_iterations"] = iters
     else:
-        select, lo, hi, log = spec.selector(ctx)
+        select0, lo, hi, log = spec.selector(ctx)
+        if round_to and step > 1 and not hasattr(select0, "scores_at"):
+            raise ValueError(f"method {method!r} does not expose channel scores; round_to is not supported for it")
+
+        def select(k, select0=select0):
+            masks = select0(k)
+            return round_masks(masks, select0.scores_at(k), round_to, floors) if step > 1 else masks
+
+        for attr in ("scores_at", "knob_value"):
+            if hasattr(select0, attr):
+                setattr(select, attr, getattr(select0, attr))
         if keep_ratios is not None:
             raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops or target_params")
         target = float(target_flops if target_flops is not None else target_params)
@@ -374,7 +435,7 @@ def prune(
                                      increasing=True, log=log, max_iter=30)
         masks = select(knob)
         if hasattr(select, "scores_at"):  # land within tolerance channel by channel
-            masks = refine_to_target(masks, select.scores_at(knob), reduction, target, tolerance)
+            masks = refine_to_target(masks, select.scores_at(knob), reduction, target, tolerance, step=step)
         if hasattr(select, "knob_value"):
             knob = select.knob_value(knob)
         ctx.info["search_iterations"] = iters

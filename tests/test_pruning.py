@@ -85,3 +85,35 @@ def test_errors(resnet20, calib):
 
 def test_registry_lists_baselines():
     assert {"l1-norm", "bn-scale", "hrank", "random"} <= set(available_methods())
+
+
+def test_round_to_keeps_multiples_and_reaches_the_target():
+    """round_to=8: every group keeps a multiple of 8 channels (or all), the target within 1%."""
+    from ib_lasso_jax.models import create
+    from ib_lasso_jax.pruning import round_masks
+
+    m = create("vgg11", num_classes=10, input_shape=(32, 32, 3), rngs=0)
+    small, report = prune(m, None, "l1-norm", target_flops=0.5, round_to=8)
+    assert abs(report.flops_reduction - 0.5) <= 0.01 * 0.5
+    for g in report.groups.values():
+        assert g["after"] % 8 == 0 or g["after"] == g["before"], g
+    _, plain = prune(m, None, "l1-norm", target_flops=0.5)
+    assert any(g["after"] % 8 for g in plain.groups.values())  # without it, odd widths appear
+    # round_masks: nearest multiple (ties up), never below the floor, re-chosen by score.
+    scores = {"a": np.arange(20.0), "b": np.arange(5.0)}
+    masks = {"a": np.arange(20) >= 9, "b": np.arange(5) >= 3}  # keep 11 and 2
+    out = round_masks(masks, scores, 8, {"a": 1, "b": 1})
+    assert out["a"].sum() == 8 and out["a"][12:].all()  # 11 -> 8, the 8 best
+    assert out["b"].sum() == 5  # 2 -> one block of 8 -> capped at the group's 5
+    assert round_masks(masks, scores, 8, {"a": 9, "b": 1})["a"].sum() == 16  # floor 9 -> 16
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="round_to must be a positive int"):
+            prune(m, None, "l1-norm", target_flops=0.5, round_to=bad)
+
+
+def test_round_to_with_a_selector_method(resnet20, calib):
+    small, report = prune(resnet20, calib, "hsic-lasso", target_flops=0.3, round_to=8, grid=12)
+    for g in report.groups.values():
+        assert g["after"] % 8 == 0 or g["after"] == g["before"], g
+    assert abs(report.flops_reduction - 0.3) <= 0.01 * 0.3
+    assert counting.count(small).flops == report.flops_after
