@@ -109,12 +109,16 @@ def interleaved_medians(fns: dict, x, rounds: int, min_seconds: float = 0.02) ->
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def variants(name: str, widths, target: float, method: str, rounding: tuple[int, ...], n_per_class: int):
+def variants(name: str, widths, target: float, method: str, rounding: tuple[int, ...], n_per_class: int,
+             round_to: tuple[int, ...] = ()):
     """``(original, {variant: model}, prune report)`` for one model and budget."""
     original = models.create(name, NUM_CLASSES, INPUT_SHAPE, widths, rngs=0)
     original.eval()
     small, report = prune(original, calibration(n_per_class), method, target_flops=target)
     out = {f"pruned ({method})": small}
+    for m in round_to:  # the real path: the same FLOPs target, every width a multiple of m
+        out[f"pruned with round_to={m}"] = prune(original, calibration(n_per_class), method, target_flops=target,
+                                                 round_to=m)[0]
     base_widths = original.spec.widths
     for m in rounding:
         w = round_widths(small.spec.widths, base_widths, m)
@@ -180,6 +184,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--method", default="l1-norm", help="pruning method that picks the channels (default l1-norm)")
     p.add_argument("--round", type=int, nargs="*", default=(), dest="rounding",
                    help="also time the pruned widths rounded up to these multiples (e.g. 8 16)")
+    p.add_argument("--round-to", type=int, nargs="*", default=(), dest="round_to",
+                   help="also prune with prune(..., round_to=m) at the same FLOPs target (e.g. 8 16)")
     p.add_argument("--per-layer", action="store_true", help="time every convolution on its own too")
     p.add_argument("--calibration-per-class", type=int, default=10)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -197,7 +203,8 @@ def main(argv=None) -> list[dict]:
     rows, layer_rows = [], []
     for name, widths, target in configs:
         t0 = time.perf_counter()
-        original, pruned, report = variants(name, widths, target, args.method, rounding, args.calibration_per_class)
+        original, pruned, report = variants(name, widths, target, args.method, rounding, args.calibration_per_class,
+                                            tuple(args.round_to))
         flops0 = counting.count(original).flops
         flops = {v: counting.count(m).flops for v, m in pruned.items()}
         print(f"{name}: pruned with {args.method} to FLOPs -{100 * report.flops_reduction:.1f}% "
