@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--redo", default="", help="comma-separated methods whose stored cells are recomputed")
+    p.add_argument("--stored-only", action="store_true",
+                   help="compute nothing new: tables and plots from the stored cells (a partial run's report)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     redo = set(filter(None, args.redo.split(",")))
@@ -140,17 +142,21 @@ def main(argv=None) -> int:
                 for seed in range(args.seeds):
                     cell = out / "rows" / f"{name}_{method}_{budget}_{seed}.json"
                     want_tsne = budget == max(budgets) and seed == 0 and method == "sglp-ib"
-                    if cell.exists() and method not in redo and not want_tsne:
+                    if cell.exists() and method not in redo:
                         row = json.loads(cell.read_text())
                         rows.append(row)
                         if budget == max(budgets) and seed == 0:
-                            if "widths" not in row:  # a cell stored before widths were recorded
-                                images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
-                                _, report = prune(model, (images, labels), method, target_flops=budget, seed=seed)
-                                row["widths"] = {g: v["after"] for g, v in report.groups.items()}
-                                cell.write_text(json.dumps(row, indent=1))
                             widths[method] = row["widths"]
+                            if want_tsne:  # the pruned model itself is not stored: prune again (no finetuning)
+                                images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
+                                small, _ = prune(model, (images, labels), method, target_flops=budget, seed=seed)
+                                reestimate_batchnorm(small, iter(ds.batches("train", 128, seed=seed, shuffle=True)),
+                                                     num_batches=16)
+                                tsne_data["after sGLP-IB (BN re-estimated)"] = (penultimate_features(small, test_x),
+                                                                                test_y)
                         print(f"{name} -{100 * budget:.0f}% {method:10s} seed {seed}: stored in {cell}", flush=True)
+                        continue
+                    if args.stored_only:
                         continue
                     images, labels = calibration_set(ds, 3 if args.smoke else args.per_class, seed=seed)
                     small, report = prune(model, (images, labels), method, target_flops=budget, seed=seed)
@@ -189,14 +195,17 @@ def main(argv=None) -> int:
         s = summary[name]
         lines += [f"## {name}: baseline {100 * s['baseline_accuracy']:.2f}%, {counting.human(s['params'])} params, "
                   f"{counting.human(s['flops'])} FLOPs", "",
-                  "| FLOPs target | method | after pruning (BN re-est.) | after finetuning | FLOPs | params | time |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| FLOPs target | method | seeds | after pruning (BN re-est.) | after finetuning | FLOPs | params | time |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for budget in budgets:
             for method in methods:
                 rs = [r for r in all_rows if r["model"] == name and r["budget"] == budget and r["method"] == method]
+                if not rs:
+                    lines.append(f"| -{100 * budget:.0f}% | {method} | 0 | not run yet | | | | |")
+                    continue
                 f = lambda k: (100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]))  # noqa: E731
                 lines.append(
-                    f"| -{100 * budget:.0f}% | {method} | {f('acc_pruned')[0]:.2f} +- {f('acc_pruned')[1]:.2f} | "
+                    f"| -{100 * budget:.0f}% | {method} | {len(rs)} | {f('acc_pruned')[0]:.2f} +- {f('acc_pruned')[1]:.2f} | "
                     f"{f('acc_finetuned')[0]:.2f} +- {f('acc_finetuned')[1]:.2f} | -{f('flops_reduction')[0]:.1f}% | "
                     f"-{f('params_reduction')[0]:.1f}% | {np.mean([r['seconds'] for r in rs]):.1f} s |")
         lines.append("")
