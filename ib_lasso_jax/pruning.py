@@ -34,6 +34,7 @@ __all__ = [
     "available_methods",
     "floor_counts",
     "masks_from_scores",
+    "method_options",
     "prune",
     "refine_to_target",
     "register_method",
@@ -171,6 +172,16 @@ class PruneReport:
         ]
         lines += [f"| {n} | {g['before']} | {g['after']} |" for n, g in self.groups.items()]
         return "\n".join(lines) + "\n"
+
+
+def method_options(options: Mapping[str, Any], defaults: Mapping[str, Any], method: str,
+                   noun: str = "options") -> dict[str, Any]:
+    """``{**defaults, **options}``; an option not in ``defaults`` raises ValueError naming it,
+    ``method`` and the valid options."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {noun} {unknown} for {method}; valid options: {', '.join(sorted(defaults))}")
+    return {**defaults, **options}
 
 
 def floor_counts(groups: Mapping[str, coupling.ChannelGroup], floor: int | float) -> dict[str, int]:

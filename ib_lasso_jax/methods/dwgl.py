@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 from ib_lasso_jax import coupling
-from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
     "DEFAULTS",
@@ -464,10 +464,7 @@ def directed_group_lasso(
 
 
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method 'dwgl'; valid options: {', '.join(sorted(DEFAULTS))}")
-    o = {**DEFAULTS, **options}
+    o = method_options(options, DEFAULTS, "method 'dwgl'", noun="option(s)")
 
     def bad(key, valid):
         raise ValueError(f"option {key}={o[key]!r} is not valid for method 'dwgl'; valid values: {valid}")

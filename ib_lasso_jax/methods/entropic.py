@@ -77,7 +77,7 @@ from flax import nnx
 
 from ib_lasso_jax import coupling
 from ib_lasso_jax.features import capture, padded_batches
-from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
     "EntropicSolution",
@@ -417,11 +417,7 @@ def _normalised(mo: LayerMoments):
 
 
 def _options(ctx: MethodContext) -> dict:
-    unknown = set(ctx.options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)} for method 'entropic'; valid options: "
-                         f"{', '.join(sorted(DEFAULTS))}")
-    o = {**DEFAULTS, **ctx.options}
+    o = method_options(ctx.options, DEFAULTS, "method 'entropic'")
     for name in ("eps_l2", "eps_max"):
         if not (isinstance(o[name], (int, float)) and not isinstance(o[name], bool) and o[name] > 0):
             raise ValueError(f"{name} must be a positive number; got {o[name]!r}")

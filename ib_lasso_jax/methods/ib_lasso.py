@@ -42,7 +42,7 @@ import numpy as np
 
 from ib_lasso_jax import kernels, structures
 from ib_lasso_jax.features import iter_features
-from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
 
 __all__ = ["GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
@@ -56,11 +56,7 @@ GRID_MODES = ("auto", "vmap", "path")
 
 
 def _options(ctx: MethodContext) -> dict:
-    unknown = set(ctx.options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)} for the IB-lasso methods; valid options: "
-                         f"{', '.join(sorted(DEFAULTS))}")
-    opts = {**DEFAULTS, **ctx.options}
+    opts = method_options(ctx.options, DEFAULTS, "the IB-lasso methods")
     if opts["response"] not in RESPONSES:
         raise ValueError(f"response must be one of {', '.join(RESPONSES)}; got {opts['response']!r}")
     if opts["profiles"] not in PROFILES:

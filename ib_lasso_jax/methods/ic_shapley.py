@@ -67,7 +67,7 @@ from flax import nnx
 
 from ib_lasso_jax import coupling, shapley
 from ib_lasso_jax.features import capture, iter_features
-from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 try:
     from jax.extend import core as jcore
@@ -324,10 +324,7 @@ def reconstruction_games(model: nnx.Module, images, groups) -> dict:
 # ---------------------------------------------------------------------------- the method
 
 def _options(ctx: MethodContext) -> dict:
-    unknown = set(ctx.options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)} for ic-shapley; valid options: {', '.join(sorted(DEFAULTS))}")
-    o = {**DEFAULTS, **ctx.options}
+    o = method_options(ctx.options, DEFAULTS, "ic-shapley")
     if o["fusion"] not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {o['fusion']!r}")
     if o["value"] not in VALUES:
