@@ -84,19 +84,23 @@ def _cmd_groups(args) -> int:
     return 0
 
 
-def _experiment_configs():
-    """The ``experiments/configs`` package of the repository, loaded by path."""
+def _experiments_package(package: str, what: str, hint: str):
+    """The ``experiments/<package>`` package of the repository, loaded by path."""
     import importlib.util
     from pathlib import Path
 
-    init = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "__init__.py"
+    init = Path(__file__).resolve().parents[1] / "experiments" / package / "__init__.py"
     if not init.is_file():
-        raise ValueError(f"cannot find the experiment configs (looked for {str(init)!r}); "
-                         "pass --config PATH.py or run from a source checkout")
-    spec = importlib.util.spec_from_file_location("ib_lasso_experiment_configs", init)
+        raise ValueError(f"cannot find the {what} (looked for {str(init)!r}); {hint}")
+    spec = importlib.util.spec_from_file_location(f"ib_lasso_experiment_{package}", init)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _experiment_configs():
+    return _experiments_package("configs", "experiment configs",
+                                "pass --config PATH.py or run from a source checkout")
 
 
 def _load_config(args):
@@ -199,17 +203,11 @@ def _cmd_prune(args) -> int:
 
 def _load_pipeline_config(name: str):
     """A pipeline config: a name in experiments/papers or experiments/configs, or a .py path."""
-    import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "experiments"
-    init = root / "papers" / "__init__.py"
-    if not init.is_file():
-        raise ValueError(f"cannot find the paper configs (looked for {str(init)!r}); pass CONFIG as a path "
-                         "to a .py file or run from a source checkout")
-    spec = importlib.util.spec_from_file_location("ib_lasso_paper_configs", init)
-    papers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(papers)
+    papers = _experiments_package("papers", "paper configs",
+                                  "pass CONFIG as a path to a .py file or run from a source checkout")
     if not name.endswith(".py") and name not in papers.available() and (root / "configs" / f"{name}.py").is_file():
         name = str(root / "configs" / f"{name}.py")  # a pipeline-style config among the training configs
     return papers.load(name)
