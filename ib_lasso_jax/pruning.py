@@ -423,7 +423,7 @@ def prune(
             ctx.info["search_iterations"] = iters
     else:
         select0, lo, hi, log = spec.selector(ctx)
-        if round_to and step > 1 and not hasattr(select0, "scores_at"):
+        if step > 1 and not hasattr(select0, "scores_at"):
             raise ValueError(f"method {method!r} does not expose channel scores; round_to is not supported for it")
 
         def select(k, select0=select0):

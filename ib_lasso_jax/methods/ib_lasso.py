@@ -39,9 +39,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ib_lasso_jax import kernels, structures
-from ib_lasso_jax.features import iter_features
+from ib_lasso_jax.features import iter_features, padded_batches
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
 
@@ -84,10 +85,6 @@ def _check_classes(labels: np.ndarray, num_classes: int):
 
 def _logits(model, images, batch_size=256) -> np.ndarray:
     """The model's outputs on ``images``, one compiled forward for every (padded) batch."""
-    from flax import nnx
-
-    from ib_lasso_jax.features import padded_batches
-
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     images = np.asarray(images, np.float32)
