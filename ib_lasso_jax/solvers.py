@@ -493,6 +493,45 @@ class StructuredLasso:
         inverse = np.argsort(order)
         return B[inverse], jax.tree.map(lambda a: a[inverse], state)
 
+    def grid(self, Q: jax.Array, P: jax.Array, lams, *, structure_weight: float = 0.0,
+             lipschitz: jax.Array | None = None) -> tuple[jax.Array, SolverState]:
+        """Solve for every lambda of ``lams`` at once, each from zero (``jax.vmap`` of :meth:`run`).
+
+        One compiled program per solver configuration and shapes, cached across calls (a new
+        layer with the same channel and class counts reuses it). ``lams`` may be a sharded
+        array: the solves then run where its entries live (the grid split across devices,
+        ``Q`` and ``P`` replicated). Every member runs until the slowest has converged. The
+        hyperparams at ``lam`` are as in :meth:`path`.
+
+        Returns:
+            ``(B (G, channels, classes), SolverState)`` in the order of ``lams``.
+        """
+        if self.backend != "jax":
+            raise ValueError(f"grid needs backend='jax'; got {self.backend!r}")
+        host = np.asarray(lams, np.float64)
+        if host.ndim != 1 or host.size == 0 or not np.all(np.isfinite(host)) or np.any(host < 0):
+            raise ValueError(f"lams must be a non-empty 1-D array of finite lambdas >= 0; got {host!r}")
+        first = (float(host.max()), structure_weight * float(host.max())) if self.penalty not in ("lasso", "group") \
+            else float(host.max())
+        _, Q, P, _, lip, dtype = self._prepare(None, Q, P, first, lipschitz)
+        lams = lams.astype(dtype) if isinstance(lams, jax.Array) else jnp.asarray(host, dtype)
+        sharding = getattr(lams, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+            rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            Q, P, lip = (jax.device_put(a, rep) for a in (Q, P, lip))
+        return _grid(self._config(dtype), self.structure, Q, P, lams, lip, jnp.asarray(structure_weight, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _grid(cfg: _Config, structure, Q, P, lams, lip, structure_weight):
+    pair = cfg.penalty not in ("lasso", "group")
+
+    def one(lam):
+        hp = (lam, structure_weight * lam) if pair else lam
+        return _solve(cfg, structure, jnp.zeros(P.shape, Q.dtype), Q, P, hp, lip)
+
+    return jax.vmap(one)(lams)
+
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _path(cfg: _Config, structure, Q, P, lams, lip, structure_weight):

@@ -141,6 +141,31 @@ def test_vmapped_grid_equals_loop(problem, penalty):
     assert len(set(np.asarray(states.iter_num).tolist())) > 1  # each member stopped on its own
 
 
+@pytest.mark.parametrize("penalty", ["lasso", "graph"])
+def test_grid_method_equals_run_and_compiles_once(problem, penalty):
+    """``StructuredLasso.grid``: each member equals a cold ``run``; the sharded grid gives the
+    same answer; a second layer of the same shape reuses the compiled program."""
+    from ib_lasso_jax import solvers as solvers_module
+
+    s = solver(problem, penalty)
+    q, p = problem["Q"], problem["P"]
+    lams, sw = np.array([60.0, 5.0, 20.0, 2.0]), 0.5
+    bs, states = s.grid(q, p, lams, structure_weight=sw)
+    assert bs.shape == (4, D, K) and states.iter_num.shape == (4,)
+    for i, lam in enumerate(lams):
+        b, st = s.run(None, q, p, lam if penalty == "lasso" else (lam, sw * lam))
+        np.testing.assert_allclose(bs[i], b, atol=1e-10)
+        assert int(states.iter_num[i]) == int(st.iter_num)
+    mesh = jax.make_mesh((4,), ("grid",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(jnp.asarray(lams), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("grid")))
+    np.testing.assert_allclose(s.grid(q, p, sharded, structure_weight=sw)[0], bs, atol=1e-10)
+    before = solvers_module._grid._cache_size()
+    s.grid(2.0 * q, p + 1.0, lams * 3, structure_weight=sw)  # another layer, same shapes
+    assert solvers_module._grid._cache_size() == before
+    with pytest.raises(ValueError, match="lams must be a non-empty 1-D array"):
+        s.grid(q, p, [1.0, -1.0])
+
+
 def test_jit_and_warm_start(problem):
     s = solver(problem, "sparse_group")
     q, p = problem["Q"], problem["P"]

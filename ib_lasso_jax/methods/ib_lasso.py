@@ -137,28 +137,18 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mod
     if mode == "auto":
         mode = grid_mode_for_devices()
     Qp, lip = gram_lipschitz(jnp.asarray(Q))
-    P = jnp.asarray(P)
     if mode == "path":
         B, state = solver.path(Qp, P, lams, structure_weight=structure_weight, lipschitz=lip)
         return B, state.iter_num
-    pair = solver.penalty != "lasso"
-
-    def one(Q, P, lip, lam):
-        hp = (lam, structure_weight * lam) if pair else lam
-        B, state = solver.run(None, Q, P, hp, lipschitz=lip)
-        return B, state.iter_num
-
     lams = jnp.asarray(lams, Qp.dtype)
     n_dev = jax.device_count()
     if n_dev > 1 and lams.shape[0] % n_dev == 0:
-        # Several devices: shard the grid across them, replicate Q and P.
+        # Several devices: shard the grid across them (solver.grid replicates Q and P).
         mesh = jax.make_mesh((n_dev,), ("grid",), axis_types=(jax.sharding.AxisType.Auto,))
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        Qp, P, lip = (jax.device_put(a, rep) for a in (Qp, P, lip))
         lams = jax.device_put(lams, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("grid")))
-    # Q, P enter as arguments (not constants) so the solver's value checks stay outside jit;
-    # they ran on the concrete arrays in gram_lipschitz / gram_statistics already.
-    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))(Qp, P, lip, lams)
+    # One compiled program per solver configuration and layer shape, reused across layers.
+    B, state = solver.grid(Qp, P, lams, structure_weight=structure_weight, lipschitz=lip)
+    return B, state.iter_num
 
 
 def layer_lambda_for_count(solver: StructuredLasso, Q, P, count: int, *, structure_weight: float = 0.0,
@@ -183,11 +173,9 @@ def layer_lambda_for_count(solver: StructuredLasso, Q, P, count: int, *, structu
     if not 1 <= int(count) <= c:
         raise ValueError(f"count must be in [1, {c}] (the layer's channels); got {count!r}")
     pair = solver.penalty != "lasso"
-    solve = jax.jit(lambda init, Q, P, lip, lam: solver.run(
-        init, Q, P, (lam, structure_weight * lam) if pair else lam, lipschitz=lip)[0])
 
-    def run(init, lam):
-        return solve(init, Qp, P, lip, lam)
+    def run(init, lam):  # solver.run's compiled program is cached across calls and layers
+        return solver.run(init, Qp, P, (lam, structure_weight * lam) if pair else lam, lipschitz=lip)[0]
     a, b = np.log(lo), np.log(hi)
     best, B = None, jnp.zeros(P.shape, Qp.dtype)
     for it in range(1, max_iter + 1):
