@@ -299,6 +299,30 @@ def test_train_eval_toggle_batchnorm(name):
     np.testing.assert_allclose(model(x), y_train, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_running_stats_match_flax_under_jit():
+    """Our BatchNorm's cheap-to-trace statistics (RunningStat) update exactly as flax's."""
+    from ib_lasso_jax.models._layers import RunningStat, batch_norm
+
+    ours = batch_norm(5, rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(5, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    assert isinstance(ours.mean, RunningStat) and isinstance(ours.mean, nnx.BatchStat)
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(8, 4, 4, 5)), jnp.float32)
+
+    @nnx.jit
+    def train_step(bn, x):
+        bn.train()
+        return bn(x)
+
+    for _ in range(2):
+        np.testing.assert_allclose(train_step(ours, x), train_step(ref, x), rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(getattr(ours, name).get_value(), getattr(ref, name).get_value(), rtol=1e-6)
+    assert not np.allclose(ours.mean.get_value(), 0.0)  # the statistics did move
+    ours.mean[1:3] = jnp.ones(2)  # a partial assignment still goes through flax
+    assert ours.mean.get_value()[1:3].tolist() == [1.0, 1.0]
+    assert len(nnx.state(ours, nnx.BatchStat)) == 2
+
+
 def test_model_traces_to_jaxpr():
     model = create("resnet20", input_shape=(8, 8, 3), widths=map_ints(default_widths("resnet20"), lambda v: 4))
     graphdef, state = nnx.split(model)
