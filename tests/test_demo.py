@@ -4,11 +4,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import demo  # noqa: E402
 
 
+@pytest.mark.heavy
 def test_demo_smoke(tmp_path):
     assert demo.main(["--out", str(tmp_path), "--smoke", "--target-flops", "0.4"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
