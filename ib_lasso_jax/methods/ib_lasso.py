@@ -128,7 +128,7 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mod
         but every member runs until the slowest has converged.
       ``"path"``: :meth:`~ib_lasso_jax.solvers.StructuredLasso.path`, the lambdas from the
         largest down in one ``lax.scan``, each warm-started from the last and stopped on the
-        gradient-mapping residual. On one CPU device it was 5.5x faster than ``"vmap"`` for 64
+        gradient-mapping residual. On one CPU device it was 1.4x faster than ``"vmap"`` for 64
         lambdas and more accurate (docs/sglp-ib.md, benchmark 3).
       ``"auto"``: ``"path"`` on one CPU device, ``"vmap"`` otherwise.
     """
