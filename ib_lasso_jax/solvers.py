@@ -463,6 +463,22 @@ class StructuredLasso:
                 raise ValueError(f"init must have the shape of P {P.shape}; got {init.shape}")
         return init, Q, P, hyperparams, lip, dtype
 
+    def _prepare_many(self, name, Q, P, lams, structure_weight, lipschitz):
+        """Checks of :meth:`path` / :meth:`grid`: ``(lams as float64 NumPy, Q, P, lip, dtype)``.
+
+        Shapes, NaN, symmetry and PSD-ness are checked once on the concrete inputs, as
+        :meth:`run` does, with the hyperparams of the largest lambda.
+        """
+        if self.backend != "jax":
+            raise ValueError(f"{name} needs backend='jax'; got {self.backend!r}")
+        lams = np.asarray(lams, np.float64)
+        if lams.ndim != 1 or lams.size == 0 or not np.all(np.isfinite(lams)) or np.any(lams < 0):
+            raise ValueError(f"lams must be a non-empty 1-D array of finite lambdas >= 0; got {lams!r}")
+        top = float(lams.max())
+        first = (top, structure_weight * top) if self.penalty not in ("lasso", "group") else top
+        _, Q, P, _, lip, dtype = self._prepare(None, Q, P, first, lipschitz)
+        return lams, Q, P, lip, dtype
+
     def path(self, Q: jax.Array, P: jax.Array, lams, *, structure_weight: float = 0.0,
              lipschitz: jax.Array | None = None) -> tuple[jax.Array, SolverState]:
         """Solve for every lambda of ``lams``, largest first, each warm-started from the last.
@@ -478,15 +494,7 @@ class StructuredLasso:
             ``(B (G, channels, classes), SolverState)`` in the order of ``lams``; the state's
             fields have one entry per lambda.
         """
-        if self.backend != "jax":
-            raise ValueError(f"path needs backend='jax'; got {self.backend!r}")
-        lams = np.asarray(lams, np.float64)
-        if lams.ndim != 1 or lams.size == 0 or not np.all(np.isfinite(lams)) or np.any(lams < 0):
-            raise ValueError(f"lams must be a non-empty 1-D array of finite lambdas >= 0; got {lams!r}")
-        first = (float(lams.max()), structure_weight * float(lams.max())) if self.penalty not in ("lasso", "group") \
-            else float(lams.max())
-        # Shapes, NaN, symmetry and PSD-ness checked once on the concrete inputs, as run() does.
-        _, Q, P, _, lip, dtype = self._prepare(None, Q, P, first, lipschitz)
+        lams, Q, P, lip, dtype = self._prepare_many("path", Q, P, lams, structure_weight, lipschitz)
         order = np.argsort(-lams, kind="stable")
         B, state = _path(self._config(dtype, "residual"), self.structure, Q, P, jnp.asarray(lams[order], dtype),
                          lip, jnp.asarray(structure_weight, dtype))
@@ -506,14 +514,7 @@ class StructuredLasso:
         Returns:
             ``(B (G, channels, classes), SolverState)`` in the order of ``lams``.
         """
-        if self.backend != "jax":
-            raise ValueError(f"grid needs backend='jax'; got {self.backend!r}")
-        host = np.asarray(lams, np.float64)
-        if host.ndim != 1 or host.size == 0 or not np.all(np.isfinite(host)) or np.any(host < 0):
-            raise ValueError(f"lams must be a non-empty 1-D array of finite lambdas >= 0; got {host!r}")
-        first = (float(host.max()), structure_weight * float(host.max())) if self.penalty not in ("lasso", "group") \
-            else float(host.max())
-        _, Q, P, _, lip, dtype = self._prepare(None, Q, P, first, lipschitz)
+        host, Q, P, lip, dtype = self._prepare_many("grid", Q, P, lams, structure_weight, lipschitz)
         lams = lams.astype(dtype) if isinstance(lams, jax.Array) else jnp.asarray(host, dtype)
         sharding = getattr(lams, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
