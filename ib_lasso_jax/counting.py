@@ -35,6 +35,7 @@ __all__ = [
     "Counts",
     "LayerCount",
     "count",
+    "MaskedCounter",
     "count_masked",
     "format_table",
     "human",
@@ -130,31 +131,49 @@ def count_masked(model: nnx.Module, graph: coupling.ChannelGraph, masks, policy:
 
     Exact and cheap (no rebuild, no trace): a parameter's size is the product of its axes'
     kept sizes, and a conv/dense layer's MACs scale with its kept input and output
-    channels. This is what target searches call at every step.
+    channels. Searches that count many masks of one model use :class:`MaskedCounter`.
     """
-    keeps = graph.keep_vectors(masks, policy)
-    kept = {}
-    for (p, axis), k in keeps.items():
-        kept.setdefault(p, {})[axis] = int(k.sum())
-    params = nnx.state(model, nnx.Param)
-    total = 0
-    for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]:
-        p = coupling.path_str(kp)
-        shape = list(np.shape(v))
-        for axis, n in kept.get(p, {}).items():
-            shape[axis] = n
-        total += int(np.prod(shape))
-    flops = 0
-    for op in graph.layers:
-        shape = graph.param_shapes.get(op.kernel)
-        if shape is None:
-            flops += op.macs
-            continue
-        scale = 1.0
-        for axis, n in kept.get(op.kernel, {}).items():
-            scale *= n / shape[axis]
-        flops += int(round(op.macs * scale))
-    return total, flops
+    return MaskedCounter(model, graph, policy)(masks)
+
+
+class MaskedCounter:
+    """:func:`count_masked` for one model and graph, its per-model work done once.
+
+    A target search counts the masks of every candidate threshold or lambda (dozens per
+    search); reading the model's parameter tree each time cost a ResNet-56 about 0.1 s
+    per count. ``MaskedCounter(model, graph, policy)(masks)`` equals
+    ``count_masked(model, graph, masks, policy)``.
+    """
+
+    def __init__(self, model: nnx.Module, graph: coupling.ChannelGraph, policy: str = "inner"):
+        self.graph, self.policy = graph, policy
+        self._params = [(coupling.path_str(kp), tuple(np.shape(v)))
+                        for kp, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+        self._layers = [(op.macs, op.kernel, graph.param_shapes.get(op.kernel)) for op in graph.layers]
+
+    def __call__(self, masks) -> tuple[int, int]:
+        keeps = self.graph.keep_vectors(masks, self.policy)
+        kept = {}
+        for (p, axis), k in keeps.items():
+            kept.setdefault(p, {})[axis] = int(k.sum())
+        total = 0
+        for p, shape in self._params:
+            changed = kept.get(p)
+            if changed:
+                shape = list(shape)
+                for axis, n in changed.items():
+                    shape[axis] = n
+            total += int(np.prod(shape))
+        flops = 0
+        for macs, kernel, shape in self._layers:
+            if shape is None:
+                flops += macs
+                continue
+            scale = 1.0
+            for axis, n in kept.get(kernel, {}).items():
+                scale *= n / shape[axis]
+            flops += int(round(macs * scale))
+        return total, flops
 
 
 def human(n: float) -> str:

@@ -628,6 +628,7 @@ class ChannelGraph:
         self.groups: dict[str, ChannelGroup] = {}
         self._group_space: dict[str, int] = {}
         self._own_index: dict[int, np.ndarray] = {}  # space -> position -> own index (-1 if linked)
+        self._space_roots_cache: dict[int, list] = {}
         for space in sorted(producer_spaces, key=lambda s: _first_index(tracer.producers, nodes, s)):
             if space in excluded:
                 continue
@@ -779,15 +780,27 @@ class ChannelGraph:
 
     def _space_keep(self, space: int, keep_space: dict[int, np.ndarray]) -> np.ndarray | None:
         """Keep vector over ``space``'s positions, or None if no masked group reaches it."""
-        rs, rp = self._resolve(space)
         keep = None
-        for r, m in keep_space.items():
-            sel = rs == r
-            if sel.any():
+        for r, sel, own in self._space_roots(space):
+            m = keep_space.get(r)
+            if m is not None:
                 if keep is None:
-                    keep = np.ones(len(rs), bool)
-                keep[sel] = m[self._own_index[r][rp[sel]]]
+                    keep = np.ones(self._t.nodes.size[space], bool)
+                keep[sel] = m[own]
         return keep
+
+    def _space_roots(self, space: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``(root space, positions of space it reaches, their own indices in the root)``
+        for every root space of ``space``; cached, as target searches call
+        :meth:`keep_vectors` at every step (looping over all groups per space made counting
+        a ResNet-110's FLOPs cost 0.4 s)."""
+        cache = self._space_roots_cache
+        if space not in cache:
+            rs, rp = self._resolve(space)
+            cache[space] = [(int(r), sel, self._own_index[int(r)][rp[sel]])
+                            for r in np.unique(rs) if int(r) in self._own_index
+                            for sel in [np.flatnonzero(rs == r)]]
+        return cache[space]
 
     def check_masks(self, masks: Mapping[str, Any], policy: str = "inner") -> dict[str, np.ndarray]:
         """Validate masks: known group names, right lengths, at least one channel kept."""

@@ -385,10 +385,11 @@ def prune(
     if spec.prepare is not None:  # e.g. sparsity training: prune the model it returns
         model = spec.prepare(ctx)
         ctx.model = model
-    params0, flops0 = counting.count_masked(model, graph, {}, policy)
+    count = counting.MaskedCounter(model, graph, policy)
+    params0, flops0 = count({})
 
     def reduction(masks):
-        p, f = counting.count_masked(model, graph, masks, policy)
+        p, f = count(masks)
         return (1 - f / flops0) if target_params is None else (1 - p / params0)
 
     knob = None
@@ -454,7 +455,7 @@ def prune(
     small = surgery.apply_masks(model, masks, policy, graph)
     if spec.finalize is not None:  # e.g. weight reconstruction
         small = spec.finalize(ctx, small, masks)
-    params1, flops1 = counting.count_masked(model, graph, masks, policy)
+    params1, flops1 = count(masks)
     report = PruneReport(
         method=method,
         policy=policy,

@@ -82,6 +82,10 @@ def test_surgery_equals_masked_original(name, policy):
     assert (c_small.params, c_small.flops) == (c_rebuilt.params, c_rebuilt.flops)
     # ... and the cheap estimate used by target searches agrees exactly.
     assert counting.count_masked(model, graph, masks, policy) == (c_small.params, c_small.flops)
+    counter = counting.MaskedCounter(model, graph, policy)  # reused across masks by searches
+    assert counter(masks) == (c_small.params, c_small.flops)
+    assert counter({}) == (counting.count(model).params, counting.count(model).flops)
+    assert counter(masks) == (c_small.params, c_small.flops)  # its caches change nothing
     assert c_small.flops < counting.count(model).flops
     # Each prunable group kept exactly its mask's channels.
     g_small = trace_channels(small)
