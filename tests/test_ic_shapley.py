@@ -100,12 +100,13 @@ def test_ratios_monotone_in_s():
             dispersion(ic, bad)
 
 
-def test_loss_game_equals_zero_channels(resnet, calib):
-    """The vmapped masked forward silences channels exactly as surgery.zero_channels does."""
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_loss_game_equals_zero_channels(resnet, calib, mode):
+    """The masked forward (batched or looped) silences channels exactly as surgery.zero_channels does."""
     x, y = calib
     graph = coupling.trace_channels(resnet, strict=False)
     groups = graph.prunable("coupled")  # residual streams too: several producers per group
-    game = loss_game(resnet, graph, groups, x, y)
+    game = loss_game(resnet, graph, groups, x, y, mode)
     rng = np.random.default_rng(2)
     for name in ("layer2/0/conv1", "stem_conv"):
         size = groups[name].size
@@ -173,6 +174,7 @@ def test_prune_with_the_loss_game_and_other_fusions(fusion):
     ("permutations", 0, "permutations must be an int >= 1; got 0"),
     ("bins", 1, "bins must be an int >= 2; got 1"),
     ("spread", 2.0, r"spread must be a number in \[0, 1\]"),
+    ("coalition_mode", "pmap", "coalition_mode must be one of auto, map, vmap; got 'pmap'"),
     ("permutation", 3, r"unknown options \['permutation'\] for ic-shapley"),
 ])
 def test_bad_options_name_themselves(resnet, calib, option, value, message):

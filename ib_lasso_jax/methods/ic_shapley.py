@@ -35,8 +35,10 @@ arXiv 2408.16772 (METHODS.md section 4). Two stages, on the common pruning path:
    * ``"loss"`` (default, the paper's): minus the network's cross-entropy on
      ``shapley_samples`` calibration images when only the coalition's channels of the layer
      are kept (the others silenced exactly as :func:`ib_lasso_jax.surgery.zero_channels`
-     does: every parameter producing them is multiplied by the mask). One compiled, vmapped
-     function evaluates ``coalition_batch`` coalitions of any layer at once.
+     does: every parameter producing them is multiplied by the mask). One compiled function
+     evaluates ``coalition_batch`` coalitions of any layer per call (``coalition_mode``:
+     ``"vmap"`` batches them, ``"map"`` loops over them inside the compiled call; ``"auto"``,
+     the default, loops on a CPU and batches elsewhere, see :func:`loss_game`).
    * ``"reconstruction"`` (cheap, local): minus the relative squared error of the group's
      first consumer's output (the conv or dense op alone, on inputs captured once) when only
      the coalition's input channels are kept: ``-||op(x * (1 - m))||^2 / ||op(x)||^2``.
@@ -49,8 +51,8 @@ single channels by their Shapley values to land on the target.
 
 Options (``prune(..., "ic-shapley", **options)``): ``fusion`` ("harmonic"), ``weight``
 (0.5), ``spread`` (0.25), ``bins`` (32), ``value`` ("loss"), ``permutations`` (4), ``antithetic`` (False),
-``shapley_samples`` (64), ``coalition_batch`` (16), ``batch_size`` (128: images per
-feature pass).
+``shapley_samples`` (64), ``coalition_batch`` (16), ``coalition_mode`` ("auto"), ``batch_size``
+(128: images per feature pass).
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ __all__ = [
 
 FUSIONS = ("harmonic", "geometric", "weighted")
 VALUES = ("loss", "reconstruction")
+COALITION_MODES = ("auto", "map", "vmap")
 DEFAULTS = dict(fusion="harmonic", weight=0.5, spread=0.25, bins=32, value="loss", permutations=4, antithetic=False,
-                shapley_samples=64, coalition_batch=16, batch_size=128)
+                shapley_samples=64, coalition_batch=16, coalition_mode="auto", batch_size=128)
 
 
 # ---------------------------------------------------------------------------- indicators
@@ -194,18 +197,37 @@ def keep_counts(ic, s: float, sizes, floors, spread: float = 0.25) -> np.ndarray
 
 # ---------------------------------------------------------------------------- value functions
 
-def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, labels):
+def _coalition_mode(mode: str) -> str:
+    """Validate ``coalition_mode``; ``"auto"`` resolves to ``"map"`` on a CPU, else ``"vmap"``."""
+    if mode not in COALITION_MODES:
+        raise ValueError(f"coalition_mode must be one of {', '.join(COALITION_MODES)}; got {mode!r}")
+    if mode == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
+def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, labels, mode: str = "auto"):
     """One compiled game for every group: ``values(group, masks (B, C_g)) -> (B,)`` minus the loss.
 
     A coalition keeps its channels of ``group`` and silences the others the way
     :func:`ib_lasso_jax.surgery.zero_channels` does (every producer-side parameter axis of
     the group: kernel outputs, biases, BatchNorm statistics, multiplied by the mask), every
     other group whole. Masks of all groups are concatenated into one vector, so the network
-    is compiled once for all layers; ``B`` coalitions run in one vmapped call.
+    is compiled once for all layers; ``B`` coalitions run in one compiled call.
+
+    Args:
+      mode: how the ``B`` coalitions of a call run. ``"vmap"``: batched; every coalition
+        scales the weights differently, so each convolution becomes a grouped convolution
+        over ``B`` weight sets. ``"map"``: one after another inside the compiled call
+        (``jax.lax.map``), each an ordinary forward pass. On a 2-core CPU ``"map"`` was 3.3x
+        faster (ResNet-20, 16 coalitions of 64 images: 1.8 s against 6.0 s), as XLA:CPU runs
+        grouped convolutions slowly. ``"auto"``: ``"map"`` on a CPU, ``"vmap"`` on an
+        accelerator (where grouped convolutions are native; not measured in our sessions).
 
     Returns:
       ``values(group, masks)``.
     """
+    mode = _coalition_mode(mode)
     graphdef, state = nnx.split(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = [coupling.path_str(kp) for kp, _ in flat]
@@ -241,7 +263,10 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))  # = -cross-entropy
 
-    batched = jax.jit(jax.vmap(value, in_axes=(0, None, None, None)))
+    if mode == "vmap":
+        batched = jax.jit(jax.vmap(value, in_axes=(0, None, None, None)))
+    else:
+        batched = jax.jit(lambda masks, leaves, x, y: jax.lax.map(lambda m: value(m, leaves, x, y), masks))
     x = jnp.asarray(images, jnp.float32)
     y = jnp.asarray(labels, jnp.int32)
 
@@ -338,6 +363,7 @@ def _options(ctx: MethodContext) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
             raise ValueError(f"{name} must be an int >= {least}; got {v!r}")
     dispersion(np.zeros(1), o["spread"])  # validates spread
+    _coalition_mode(o["coalition_mode"])
     if not isinstance(o["antithetic"], bool):
         raise ValueError(f"antithetic must be True or False; got {o['antithetic']!r}")
     return o
@@ -395,7 +421,7 @@ def _selector(ctx: MethodContext):
     else:
         names_to_estimate = names
     if names_to_estimate and opts["value"] == "loss":
-        game = loss_game(ctx.model, ctx.graph, ctx.groups, images, labels)
+        game = loss_game(ctx.model, ctx.graph, ctx.groups, images, labels, opts["coalition_mode"])
     elif names_to_estimate:
         games = reconstruction_games(ctx.model, images, names)
     for n in names_to_estimate:
