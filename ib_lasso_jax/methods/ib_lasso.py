@@ -25,11 +25,12 @@ by their row norms to land within tolerance.
 Options (``prune(..., method, **options)``), defaults chosen as documented in
 ``docs/sglp-ib.md``:
 
-``kernel`` ("laplacian"), ``response`` ("R2"), ``profiles`` ("logits": class-mean logits;
-"P": the layer's P columns), ``rho`` (0.6), ``linkage`` ("average"), ``structure_weight``
-(0.7: Omega's weight relative to lam), ``nonneg`` (False), ``grid`` (48 lambdas),
-``lam_range`` (1e-4: smallest lambda relative to the largest), ``mu`` (0.1), ``maxiter``
-(500), ``batch_size`` (128), ``grid_mode`` ("auto": see :func:`solve_grid`).
+``kernel`` ("gaussian": median bandwidth; APIB used "laplacian"), ``response`` ("R2"),
+``profiles`` ("logits": class-mean logits; "P": the layer's P columns), ``rho`` (0.6),
+``linkage`` ("average"), ``structure_weight`` (0.7: Omega's weight relative to lam),
+``nonneg`` (False), ``grid`` (48 lambdas), ``lam_range`` (1e-4: smallest lambda relative to
+the largest), ``mu`` (0.1), ``maxiter`` (500), ``batch_size`` (128), ``grid_mode`` ("auto":
+see :func:`solve_grid`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ __all__ = ["GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem",
 
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
-DEFAULTS = dict(kernel="laplacian", response="R2", profiles="logits", rho=0.6, linkage="average",
+DEFAULTS = dict(kernel="gaussian", response="R2", profiles="logits", rho=0.6, linkage="average",
                 structure_weight=0.7, nonneg=False, grid=48, lam_range=1e-4, mu=0.1, maxiter=500,
                 batch_size=128, grid_mode="auto")
 GRID_MODES = ("auto", "vmap", "path")
