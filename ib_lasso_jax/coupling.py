@@ -794,13 +794,15 @@ class ChannelGraph:
         for every root space of ``space``; cached, as target searches call
         :meth:`keep_vectors` at every step (looping over all groups per space made counting
         a ResNet-110's FLOPs cost 0.4 s)."""
-        cache = self._space_roots_cache
-        if space not in cache:
+        if space not in self._space_roots_cache:
             rs, rp = self._resolve(space)
-            cache[space] = [(int(r), sel, self._own_index[int(r)][rp[sel]])
-                            for r in np.unique(rs) if int(r) in self._own_index
-                            for sel in [np.flatnonzero(rs == r)]]
-        return cache[space]
+            roots = []
+            for r in np.unique(rs).tolist():
+                if r in self._own_index:  # only a group's own space can carry a mask
+                    sel = np.flatnonzero(rs == r)
+                    roots.append((r, sel, self._own_index[r][rp[sel]]))
+            self._space_roots_cache[space] = roots
+        return self._space_roots_cache[space]
 
     def check_masks(self, masks: Mapping[str, Any], policy: str = "inner") -> dict[str, np.ndarray]:
         """Validate masks: known group names, right lengths, at least one channel kept."""
