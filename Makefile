@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python experiments/demo.py --out results/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --durations=25 tests
 
 # Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode
 # (`make test` runs 9 of the 14; this target runs all of them and nothing else).
