@@ -106,6 +106,29 @@ def _plots(out: Path, name: str, rows, base, widths, tsne_data):
         plt.close(fig)
 
 
+def _paired(rows, name: str, budgets, methods, ours=("sglp-ib", "stlp-ib")) -> list[str]:
+    """Markdown: accuracy right after pruning, ``ours`` minus every other method, paired by seed
+    (same calibration draw), mean [min, max] in points, per budget."""
+    acc = {(r["budget"], r["method"], r["seed"]): 100 * r["acc_pruned"] for r in rows if r["model"] == name}
+    lines = []
+    for a in [m for m in ours if m in methods]:
+        head = f"| {a} minus | " + " | ".join(f"FLOPs -{100 * b:.0f}%" for b in budgets) + " |"
+        body = []
+        for m in methods:
+            if m == a:
+                continue
+            cells = []
+            for b in budgets:
+                d = [acc[b, a, s] - acc[b, m, s] for (bb, mm, s) in acc if bb == b and mm == m and (b, a, s) in acc]
+                cells.append(f"{np.mean(d):+.1f} [{min(d):+.1f}, {max(d):+.1f}]" if d else "")
+            body.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += [head, "|---|" + "---:|" * len(budgets)] + body + [""]
+    if lines:
+        lines = ["Paired by seed (same calibration draw), accuracy right after pruning, points: mean "
+                 "[min, max] over the seeds.", ""] + lines
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/compare")
@@ -209,6 +232,7 @@ def main(argv=None) -> int:
                     f"{f('acc_finetuned')[0]:.2f} +- {f('acc_finetuned')[1]:.2f} | -{f('flops_reduction')[0]:.1f}% | "
                     f"-{f('params_reduction')[0]:.1f}% | {np.mean([r['seconds'] for r in rs]):.1f} s |")
         lines.append("")
+        lines += _paired(all_rows, name, budgets, methods)
     lines.append(f"{args.seeds} seed(s) (calibration draw, random scores, finetuning order); "
                  f"{args.per_class} calibration images per class; finetuning {args.finetune_epochs} epochs at lr 0.01.")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
