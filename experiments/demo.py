@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ from configs import load as load_config  # noqa: E402
 from ib_lasso_jax import checkpoint, counting  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
-from ib_lasso_jax.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate  # noqa: E402
+from ib_lasso_jax.training import (checkpoint_model_spec, evaluate, finetune, latest_checkpoint,  # noqa: E402
+                                   reestimate_batchnorm, train_and_evaluate)
 
 
 def _curves(path: Path) -> dict[str, list]:
@@ -85,6 +87,19 @@ def _plots(out: Path, base_dir: Path, tune_dir: Path, report) -> None:
     plt.close(fig)
 
 
+def _finetune_dir(out: Path, method: str, model) -> Path:
+    """``out/finetune_<method>``, resumable if it holds a run of this very pruned model; a run
+    of a differently pruned one (an earlier demo with other code, options or target) is
+    removed, as the demo prunes afresh every time."""
+    workdir = out / f"finetune_{method}"
+    latest = latest_checkpoint(workdir)
+    if latest is not None and checkpoint_model_spec(latest) != model.spec.to_dict():
+        print(f"      {workdir} holds the finetuning of a differently pruned model (an earlier run); "
+              "starting it over", flush=True)
+        shutil.rmtree(workdir)
+    return workdir
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/demo")
@@ -130,7 +145,7 @@ def main(argv=None) -> int:
     print(f"[4/5] finetuning both pruned models ({args.finetune_epochs} epochs each)", flush=True)
     tune_cfg = base_cfg.replace(num_epochs=args.finetune_epochs, learning_rate=0.01, warmup_epochs=0)
     for i, method in enumerate(("sglp-ib", "l1-norm")):
-        tuned = finetune(pruned_models[method], tune_cfg, out / f"finetune_{method}")
+        tuned = finetune(pruned_models[method], tune_cfg, _finetune_dir(out, method, pruned_models[method]))
         name, params, flops, acc, _, secs = rows[1 + i]
         rows[1 + i] = (name, params, flops, acc, evaluate(tuned.model, ds)["accuracy"], secs)
         if method == "sglp-ib":

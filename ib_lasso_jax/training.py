@@ -88,6 +88,7 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "finetune",
+    "checkpoint_model_spec",
     "latest_checkpoint",
     "make_eval_step",
     "make_train_step",
@@ -652,6 +653,17 @@ def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
     """The newest training checkpoint under ``workdir/checkpoints`` (``None``: none)."""
     ckpts = _list_checkpoints(Path(workdir) / CHECKPOINT_DIR)
     return ckpts[-1][1] if ckpts else None
+
+
+def checkpoint_model_spec(path: str | os.PathLike) -> dict:
+    """The model spec (``ModelSpec.to_dict()``) a training checkpoint was written for.
+
+    A run resumes only into the same model; compare this with ``model.spec.to_dict()`` to
+    tell, before calling :func:`finetune`, whether ``workdir`` holds a run of this model
+    (``path``: e.g. :func:`latest_checkpoint` ``(workdir)``). Raises ``CheckpointError`` if
+    the checkpoint is damaged or not a training checkpoint.
+    """
+    return _read_train_state(Path(path)).get("model_spec")
 
 
 def _read_train_state(path: Path) -> dict:

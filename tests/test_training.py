@@ -88,8 +88,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, digits):
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(20) == 1  # lines past the restored step were dropped
 
-    # The same workdir with another model is refused, naming both.
+    # The same workdir with another model is refused, naming both; callers can tell beforehand.
     other = models.create("lenet5", 10, (16, 16, 1), {"conv": [4, 8], "fc": [16, 8]})
+    latest = training.latest_checkpoint(tmp_path / "resumed")
+    assert training.checkpoint_model_spec(latest) == resumed.model.spec.to_dict() != other.spec.to_dict()
     with pytest.raises(CheckpointError, match="was written for model"):
         training.finetune(other, config, tmp_path / "resumed")
     # ... and so are different trajectory settings.
