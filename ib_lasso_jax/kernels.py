@@ -311,6 +311,10 @@ def _kernel_block(kernel: Kernel, a, b, sigma2, dim: int, same=None):
     if same is not None:
         d2 = jnp.where(same, 0.0, d2)
     if kernel.name == "gaussian":
+        # Clamping the round-off negatives of the Gram-form distances also keeps XLA:CPU from
+        # fusing the exp into the distance matmul: the tiled Gram program compiled in 5.0 s
+        # without it, 0.74 s with it (200 samples x 64 channels x 16x16 maps).
+        d2 = jnp.where(d2 > 0, d2, 0.0)
         return jnp.exp(-d2 * (0.5 / sigma2)[:, None, None])
     scale = math.sqrt(0.5 / dim) if kernel.scale is None else kernel.scale
     return jnp.exp(-scale * _safe_sqrt(d2))
