@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.training import evaluate, reestimate_batchnorm, train_and_evaluate  # noqa: E402
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    compile_cache.enable()  # compiled programs persist across runs (see ib_lasso_jax.compile_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = baseline(out, args.epochs, args.smoke)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint, counting  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.features import penultimate_features  # noqa: E402
 from ib_lasso_jax.pruning import available_methods, prune  # noqa: E402
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
                    help="compute nothing new: tables and plots from the stored cells (a partial run's report)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    compile_cache.enable()  # compiled programs persist across runs (see ib_lasso_jax.compile_cache)
     redo = set(filter(None, args.redo.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

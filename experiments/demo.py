@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint, counting  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.training import (checkpoint_model_spec, evaluate, finetune, latest_checkpoint,  # noqa: E402
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=20, help="calibration examples per class")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (for tests)")
     args = p.parse_args(argv)
+    compile_cache.enable()  # compiled programs persist across runs (see ib_lasso_jax.compile_cache)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

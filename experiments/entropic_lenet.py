@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.training import evaluate, train_and_evaluate  # noqa: E402
@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.55,0.7,0.84")
     ap.add_argument("--per-class", type=int, default=50, help="calibration images per class")
     args = ap.parse_args(argv)
+    compile_cache.enable()  # compiled programs persist across runs (see ib_lasso_jax.compile_cache)
     cfg = load_config("mnist5k_lenet")
     if args.model:
         model = checkpoint.restore_model(args.model)

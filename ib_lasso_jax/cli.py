@@ -9,6 +9,11 @@ Subcommands:
   evaluate top-1 (and top-5) accuracy of a saved model on a data set
   prune    prune a saved model to a FLOPs/params target; saves the smaller model and a report
   run      the whole pipeline of a paper config: baseline -> prune -> BN -> finetune -> report
+  cache    where the persistent XLA compilation cache lives and its size; --clear empties it
+
+train, finetune, evaluate, prune and run keep compiled XLA programs on disk
+(~/.cache/ib-lasso-jax/xla), so a later command skips most compilation; turn this off
+with --no-compile-cache or IB_LASSO_JAX_COMPILE_CACHE=off (see ib_lasso_jax.compile_cache).
 """
 
 from __future__ import annotations
@@ -228,11 +233,41 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ib_lasso_jax import compile_cache
+
+    where = Path(args.dir) if args.dir is not None else compile_cache.location()
+    if where is None:
+        print(f"the compilation cache is turned off ({compile_cache.ENV_VAR}="
+              f"{os.environ.get(compile_cache.ENV_VAR)})")
+        return 0
+    entries, nbytes = compile_cache.size(where)
+    if args.clear:
+        if where.is_dir():
+            shutil.rmtree(where)
+        print(f"removed {entries} compiled programs ({nbytes / 2**20:.1f} MiB) from {where}")
+    else:
+        print(f"{where}: {entries} compiled programs, {nbytes / 2**20:.1f} MiB")
+    return 0
+
+
+# Subcommands that compile models or solvers (and so use the persistent compilation cache).
+_COMPILING = ("train", "finetune", "evaluate", "prune", "run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
 
     parser = argparse.ArgumentParser(prog="ib-lasso", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not read or write the persistent XLA compilation cache")
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="the compilation cache directory (default: ~/.cache/ib-lasso-jax/xla)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
@@ -313,12 +348,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print our final numbers as JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("cache", help="the persistent XLA compilation cache: location and size, or --clear")
+    p.add_argument("--dir", help="a cache directory other than the default")
+    p.add_argument("--clear", action="store_true", help="remove every cached program")
+    p.set_defaults(func=_cmd_cache)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in _COMPILING:
+        if args.no_compile_cache:
+            import jax
+
+            jax.config.update("jax_enable_compilation_cache", False)
+        else:
+            from ib_lasso_jax import compile_cache
+
+            compile_cache.enable(args.compile_cache)
     try:
         return args.func(args)
     except ValueError as e:  # user errors: one clear line, no traceback
