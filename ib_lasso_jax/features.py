@@ -75,11 +75,47 @@ def capture(graph: coupling.ChannelGraph, variables: Sequence) -> Any:
     ``variables`` are jaxpr variables of ``graph.jaxpr`` (e.g. an observation's ``lhs`` and
     ``out``); ``leaves`` are the model's state leaves (``tree_leaves(nnx.split(model)[1])``)
     and ``x`` a batch of ``graph.batch`` inputs. No model needs hooks.
+
+    Functions are cached by the program's structure (its text, constants and the positions
+    of ``variables``), not by the graph object: every pruning call re-traces its model, and
+    without this each call would compile its feature program again (about 1 s for VGG-16,
+    1.6 s for ResNet-56 on a CPU).
     """
     closed = graph.jaxpr
-    jaxpr = closed.jaxpr.replace(outvars=list(variables), debug_info=closed.jaxpr.debug_info)
-    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
-    return jax.jit(lambda leaves, x: fn(*leaves, x))
+    text = str(closed.jaxpr)
+    consts = tuple((np.shape(c), str(np.asarray(c).dtype), np.asarray(c).tobytes()) for c in closed.consts)
+    index = _var_index(closed.jaxpr)
+    try:
+        positions = tuple(index[id(v)] for v in variables)
+    except KeyError as e:
+        raise ValueError("variables must be variables of graph.jaxpr (inputs or equation outputs)") from e
+    key = (text, consts, positions)
+    fn = _CAPTURE_CACHE.pop(key, None)
+    if fn is None:
+        jaxpr = closed.jaxpr.replace(outvars=list(variables), debug_info=closed.jaxpr.debug_info)
+        run = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
+        fn = jax.jit(lambda leaves, x: run(*leaves, x))
+        if len(_CAPTURE_CACHE) >= _CAPTURE_CACHE_SIZE:
+            _CAPTURE_CACHE.pop(next(iter(_CAPTURE_CACHE)))  # least recently used
+    _CAPTURE_CACHE[key] = fn  # (re)inserted last: most recently used
+    return fn
+
+
+_CAPTURE_CACHE: dict = {}
+_CAPTURE_CACHE_SIZE = 32
+
+
+def _var_index(jaxpr) -> dict[int, int]:
+    """``id(var) -> position`` over the program's inputs and equation outputs, in order."""
+    out, i = {}, 0
+    for v in jaxpr.invars:
+        out[id(v)] = i
+        i += 1
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            out[id(v)] = i
+            i += 1
+    return out
 
 
 def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:

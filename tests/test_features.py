@@ -74,3 +74,33 @@ def test_penultimate_features_are_the_classifier_input():
     f = penultimate_features(model, x, batch_size=4)
     assert f.shape == (5, 84)
     np.testing.assert_allclose(np.asarray(model.fc3(f)), np.asarray(model(x)), atol=1e-5)
+
+
+def test_capture_programs_are_cached_by_structure_not_by_trace():
+    from flax import nnx
+
+    from ib_lasso_jax import coupling, features
+
+    def program(model, which=0):
+        g = coupling.trace_channels(model, (28, 28, 1), batch=4, strict=False)
+        o = g.observation(list(g.prunable("inner"))[which])
+        return features.capture(g, [o.lhs, o.out])
+
+    a = create("lenet5", rngs=0)
+    f1, f2 = program(a), program(a)  # two traces of one architecture: one compiled program
+    assert f1 is f2
+    assert program(a, which=1) is not f1  # other outputs: another program
+    narrow = create("lenet5", widths={"conv": [3, 8], "fc": [60, 40]}, rngs=1)
+    f3 = program(narrow)
+    assert f3 is not f1  # other shapes: another program
+    x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    leaves = jax.tree_util.tree_leaves(nnx.split(narrow)[1])
+    got = f3(leaves, x)
+    assert got[0].shape[-1] == 3
+    # The cached function computes what a fresh one computes for this model.
+    want = collect_features(narrow, x)
+    np.testing.assert_allclose(want[list(want)[0]].response, np.asarray(got[1]).reshape(4, -1), rtol=1e-6)
+    g = coupling.trace_channels(a, (28, 28, 1), batch=4, strict=False)
+    with pytest.raises(ValueError, match="variables must be variables of graph.jaxpr"):
+        features.capture(g, [coupling.trace_channels(narrow, (28, 28, 1), batch=4).observation(
+            list(g.prunable("inner"))[0]).lhs])
