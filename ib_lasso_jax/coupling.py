@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ib_lasso_jax.models import _layers
+
 try:  # jax >= 0.4.36 exposes the core types here
     from jax.extend import core as jcore
 except ImportError:  # pragma: no cover
@@ -968,7 +970,8 @@ def _trace(model, input_shape, batch):
 
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
     abstract = [jax.ShapeDtypeStruct(np.shape(v), getattr(v, "dtype", jnp.float32)) for v in leaves]
-    closed = jax.make_jaxpr(forward)(abstract, x)
+    with _layers.native_convs():  # the graph reads lax convolutions, never their CPU im2col form
+        closed = jax.make_jaxpr(forward)(abstract, x)
     tracer = _Tracer()
     param_infos = [_Info(tracer.fresh(np.shape(v)), False, p, frozenset([p])) for p, v in zip(paths, leaves)]
     x_info = _Info(tracer.fresh(x.shape), True)

@@ -15,6 +15,7 @@ a memory budget, so a deep network's features never all live in memory at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Iterator, Sequence
@@ -25,6 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ib_lasso_jax import coupling
+from ib_lasso_jax.models import _layers
 
 try:
     from jax.extend import core as jcore
@@ -93,12 +95,46 @@ def capture(graph: coupling.ChannelGraph, variables: Sequence) -> Any:
     fn = _CAPTURE_CACHE.pop(key, None)
     if fn is None:
         jaxpr = closed.jaxpr.replace(outvars=list(variables), debug_info=closed.jaxpr.debug_info)
-        run = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, closed.consts))
-        fn = jax.jit(lambda leaves, x: run(*leaves, x))
+        consts_ = closed.consts
+        fn = jax.jit(lambda leaves, x: eval_jaxpr(jaxpr, consts_, *leaves, x))
         if len(_CAPTURE_CACHE) >= _CAPTURE_CACHE_SIZE:
             _CAPTURE_CACHE.pop(next(iter(_CAPTURE_CACHE)))  # least recently used
     _CAPTURE_CACHE[key] = fn  # (re)inserted last: most recently used
     return fn
+
+
+def eval_jaxpr(jaxpr, consts, *args) -> list:
+    """``jax.core.eval_jaxpr``, with the zoo models' CPU convolution schedule.
+
+    ``graph.jaxpr`` is traced with plain ``lax.conv_general_dilated`` (the channel graph reads
+    the convolutions from it); evaluating it here sends each top-level convolution through
+    ``models._layers`` again, so the tiny-spatial convolutions that XLA:CPU runs slowly take
+    the im2col path as they do in the model's own forward pass. Same values, either way.
+    """
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        p = eqn.params
+        if eqn.primitive.name == "conv_general_dilated" and _layers.im2col_applies(
+                invals[0].shape, invals[1].shape, **p):
+            ans = _layers._im2col(invals[0], invals[1], tuple(p["window_strides"]),
+                                  tuple(tuple(q) for q in p["padding"]), p.get("precision"),
+                                  p.get("preferred_element_type"))
+        else:
+            ctx = getattr(eqn, "ctx", None)
+            with ctx.manager if ctx is not None else contextlib.nullcontext():
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(p))
+        if eqn.primitive.multiple_results:
+            env.update(zip(eqn.outvars, ans))
+        else:
+            env[eqn.outvars[0]] = ans
+    return [read(v) for v in jaxpr.outvars]
 
 
 _CAPTURE_CACHE: dict = {}
