@@ -120,16 +120,12 @@ def eval_jaxpr(jaxpr, consts, *args) -> list:
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        p = eqn.params
-        if eqn.primitive.name == "conv_general_dilated" and _layers.im2col_applies(
-                invals[0].shape, invals[1].shape, **p):
-            ans = _layers._im2col(invals[0], invals[1], tuple(p["window_strides"]),
-                                  tuple(tuple(q) for q in p["padding"]), p.get("precision"),
-                                  p.get("preferred_element_type"))
+        if eqn.primitive.name == "conv_general_dilated":
+            ans = _layers.conv_general_dilated(*invals, **eqn.params)  # the zoo's dispatch
         else:
             ctx = getattr(eqn, "ctx", None)
             with ctx.manager if ctx is not None else contextlib.nullcontext():
-                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(p))
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         if eqn.primitive.multiple_results:
             env.update(zip(eqn.outvars, ans))
         else:
