@@ -284,8 +284,22 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
+def _to_host(x: Any) -> Any:
+    """A fully addressable ``jax.Array`` as a NumPy array (typed PRNG keys stay as they are)."""
+    if (isinstance(x, jax.Array) and x.is_fully_addressable
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+        return np.asarray(jax.device_get(x))
+    return x
+
+
 def _write_state(directory: Path, tree: Any) -> None:
-    """Write ``tree`` (a pure pytree of arrays) as an orbax checkpoint at new ``directory``."""
+    """Write ``tree`` (a pure pytree of arrays) as an orbax checkpoint at new ``directory``.
+
+    Arrays held whole by this process are written from the host: orbax spends ~2.9 ms per
+    ``jax.Array`` and ~1.1 ms per NumPy array (480 small arrays: 1.37 s against 0.52 s), and
+    a model's state is hundreds of small arrays. Sharded arrays go to orbax as they are.
+    """
+    tree = jax.tree.map(_to_host, tree)
     with _checkpointer() as ckptr:
         ckptr.save(directory, args=ocp.args.StandardSave(tree))
 
@@ -299,7 +313,7 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype | None]
     out = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if _is_key(leaf):
             leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
             dtype = leaf.dtype
         out[_key_str(kp)] = (tuple(getattr(leaf, "shape", ())), None if dtype is None else np.dtype(dtype))
@@ -347,10 +361,18 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:500] if lines else ""
 
 
-def _with_sharding(target: Any) -> Any:
-    """Abstract arrays placed on the default device (not wherever they were saved from)."""
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _restore_target(target: Any) -> Any:
+    """What orbax restores into: NumPy arrays (placed on the default device afterwards: ~2.4x
+    faster than orbax restoring ``jax.Array``s, per small array), and typed PRNG keys as
+    abstract keys on the default device (not wherever they were saved from)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) if _is_key(x)
+                        else np.empty(x.shape, x.dtype), target)
 
 
 def _restore_state(state_dir: Path, target: Any | None, expected_from: str) -> Any:
@@ -371,15 +393,18 @@ def _restore_state(state_dir: Path, target: Any | None, expected_from: str) -> A
                     f"checkpoint state {str(state_dir)!r} does not match {expected_from}: "
                     f"{len(problems)} array(s) differ: {listed}{more}"
                 )
-            target = _with_sharding(target)
+            target = _restore_target(target)
         try:
-            return ckptr.restore(state_dir, args=ocp.args.StandardRestore(target))
+            out = ckptr.restore(state_dir, args=ocp.args.StandardRestore(target))
         except Exception as e:  # noqa: BLE001 -- any orbax/tensorstore failure means corruption
             raise CheckpointError(
                 f"checkpoint state {str(state_dir)!r} is corrupted or truncated: restoring it "
                 f"failed ({type(e).__name__}: {_first_line(e)}); expected a complete orbax "
                 "checkpoint written by save_model/save_pytree"
             ) from e
+    if target is not None:
+        out = jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -438,7 +463,10 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
       CheckpointError: missing, corrupted, or not matching ``target``.
     """
     state_dir = _resolve(path) / STATE_DIR
-    return _restore_state(state_dir, target, "the given target")
+    out = _restore_state(state_dir, target, "the given target")
+    if target is None:  # jax arrays, however they were written
+        out = jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------

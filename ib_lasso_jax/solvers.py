@@ -97,6 +97,24 @@ def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+# The input checks and conversions as single programs: op by op, each primitive compiled a
+# program of its own for every layer shape (10 per shape).
+@jax.jit
+def _all_finite(a):
+    return jnp.all(jnp.isfinite(a))
+
+
+@jax.jit
+def _asymmetry(Q):
+    """``(max |Q|, max |Q - Q^T|)``."""
+    return jnp.max(jnp.abs(Q)), jnp.max(jnp.abs(Q - Q.T))
+
+
+@jax.jit
+def _symmetrize(Q):
+    return 0.5 * (Q + Q.T)
+
+
 def _default_psd_tol(dtype, d: int) -> float:
     # eigh's backward error is ~ d * eps * lambda_max: anything smaller is round-off
     return max(1e-6, 10.0 * d * float(jnp.finfo(dtype).eps))
@@ -443,20 +461,19 @@ class StructuredLasso:
         dtype = jnp.result_type(Q.dtype, P.dtype, float)
         Q, P = Q.astype(dtype), P.astype(dtype)
         for name, a in (("Q", Q), ("P", P)):
-            if _is_concrete(a) and not bool(jnp.all(jnp.isfinite(a))):
+            if _is_concrete(a) and not bool(_all_finite(a)):
                 raise ValueError(f"{name} contains NaN or inf entries; it must be finite")
         if _is_concrete(Q):
-            scale = float(jnp.max(jnp.abs(Q)))
-            asym = float(jnp.max(jnp.abs(Q - Q.T)))
+            scale, asym = (float(v) for v in jax.device_get(_asymmetry(Q)))
             if asym > 1e-5 * max(scale, float(jnp.finfo(dtype).tiny)):
                 raise ValueError(f"Q must be symmetric; max |Q - Q^T| = {asym:.3g} (max |Q| = {scale:.3g})")
         hyperparams = self._check_hyperparams(hyperparams)
         if lipschitz is None:
             Q, lip = gram_lipschitz(Q, psd_tol=self.psd_tol)
         else:
-            Q, lip = 0.5 * (Q + Q.T), jnp.asarray(lipschitz, dtype)
+            Q, lip = _symmetrize(Q), jnp.asarray(lipschitz, dtype)
         if init is None:
-            init = jnp.zeros(P.shape, dtype)
+            init = jax.device_put(np.zeros(P.shape, dtype))
         else:
             init = jnp.asarray(init, dtype)
             if init.shape != P.shape:

@@ -26,7 +26,6 @@ import json
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -162,7 +161,13 @@ def _slice(value, keeps: dict[int, np.ndarray]):
     out = np.asarray(value)
     for axis, keep in keeps.items():
         out = np.compress(keep, out, axis=axis)
-    return jnp.asarray(out)
+    return jax.device_put(out)  # a fresh array (np.compress copies); jnp.asarray would compile a copy
+
+
+def _copy(value):
+    """A device copy of ``value`` that compiles nothing (``jnp.array(v, copy=True)`` compiles
+    a program per shape)."""
+    return jax.device_put(value, may_alias=False)
 
 
 def _flat_state(model):
@@ -199,7 +204,7 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
     graphdef, treedef, paths, leaves = _flat_state(model)
     # Untouched arrays are copied too: the new model must not share buffers with the old one
     # (a training step that donates its inputs would otherwise delete the original's).
-    sliced = [_slice(v, by_param[p]) if p in by_param else jnp.array(v, copy=True) for p, v in zip(paths, leaves)]
+    sliced = [_slice(v, by_param[p]) if p in by_param else _copy(v) for p, v in zip(paths, leaves)]
 
     spec = getattr(model, "spec", None)
     if not isinstance(spec, _registry.ModelSpec):
@@ -268,9 +273,9 @@ def zero_channels(model: nnx.Module, masks: Mapping[str, Any], policy: str = "in
                 shape = [1] * v.ndim
                 shape[axis] = len(keep)
                 v = v * keep.reshape(shape).astype(v.dtype)
-            v = jnp.asarray(v)
+            v = jax.device_put(v)
         else:
-            v = jnp.array(v, copy=True)
+            v = _copy(v)
         new.append(v)
     clone = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
     if isinstance(getattr(model, "spec", None), _registry.ModelSpec):

@@ -463,7 +463,9 @@ def _cached_train_step(graphdef, config_json, steps_per_epoch, total_steps, mesh
     config = TrainConfig.from_dict(json.loads(config_json))
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     step = make_train_step(graphdef, tx, label_smoothing=config.label_smoothing, mesh=mesh, donate=True)
-    return tx, step
+    # One program for the optimiser state; op by op, every distinct parameter shape would
+    # compile its own zeros (41 programs for a VGG-11).
+    return tx, step, jax.jit(tx.init)
 
 
 def _split(model: nnx.Module, train: bool):
@@ -484,7 +486,7 @@ def _place(tree, mesh):
 def _to_batch(images, labels, mesh, weights=None):
     arrays = (images, labels) if weights is None else (images, labels, weights)
     if mesh is None:
-        return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(jax.device_put(a) for a in arrays)  # jnp.asarray of NumPy data compiles a copy per shape
     return parallel.shard_batch(arrays, mesh)
 
 
@@ -608,16 +610,19 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable[Any], num_batches:
             break
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         n = int(images.shape[0])
-        stats = moments(params, rest, jnp.asarray(images))
-        stats = [(n * mu, n * (var + mu * mu)) for mu, var in stats]
+        # The per-channel sums are accumulated on the host in float64: a few vectors per
+        # batch, and no compiled program per BatchNorm width for this bookkeeping.
+        stats = jax.device_get(moments(params, rest, jax.device_put(images)))
+        stats = [(n * mu.astype(np.float64), n * (var.astype(np.float64) + np.square(mu, dtype=np.float64)))
+                 for mu, var in stats]
         acc = stats if acc is None else [(a + b, c + d) for (a, c), (b, d) in zip(acc, stats)]
         total += n
     if total == 0:
         raise ValueError("reestimate_batchnorm needs at least one batch; batches was empty (or num_batches=0)")
     for m, (s1, s2) in zip(bns, acc):
         mean = s1 / total
-        m.mean.set_value(mean.astype(m.mean.get_value().dtype))
-        m.var.set_value(jnp.maximum(s2 / total - mean * mean, 0.0).astype(m.var.get_value().dtype))
+        m.mean.set_value(jax.device_put(mean.astype(m.mean.get_value().dtype)))
+        m.var.set_value(jax.device_put(np.maximum(s2 / total - mean * mean, 0.0).astype(m.var.get_value().dtype)))
     model.eval()
     return model
 
@@ -869,8 +874,8 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
     graphdef, params, rest = _split(model, train=True)
     # The compiled step depends only on the trajectory-relevant settings.
     config_json = json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}, sort_keys=True)
-    tx, train_step = _cached_train_step(graphdef, config_json, steps_per_epoch, total_steps, mesh)
-    opt_state = tx.init(params)
+    tx, train_step, init_opt = _cached_train_step(graphdef, config_json, steps_per_epoch, total_steps, mesh)
+    opt_state = init_opt(params)
 
     step, epoch_pos, best = 0, (0, 0), {"accuracy": None, "step": None}
     last_eval: dict | None = None
@@ -946,7 +951,7 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
     if last_eval is None:
         last_eval = run_eval(params, rest)
     params, rest = jax.device_get((params, rest))
-    nnx.update(model, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, rest))
+    nnx.update(model, jax.device_put(params), jax.device_put(rest))
     model.eval()
     metrics = {**last_eval, "step": step, "epoch": step / steps_per_epoch,
                "best_accuracy": best["accuracy"], "best_step": best["step"],

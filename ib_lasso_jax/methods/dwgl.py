@@ -531,11 +531,11 @@ def sparsity_train(model: nnx.Module, groups_spec: Sequence[GroupSpec], batches,
                      directed_group_lasso(groups_spec, lam, float(learning_rate), schedule, alpha_max=alpha_max,
                                           power=power, norm=norm))
     step_fn = training.make_train_step(graphdef, tx)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one per parameter shape
     t0, tail = time.perf_counter(), []
     for s in range(steps):
         images, labels = next(batches)
-        params, rest, opt_state, sums = step_fn(params, rest, opt_state, jnp.asarray(images), jnp.asarray(labels))
+        params, rest, opt_state, sums = step_fn(params, rest, opt_state, jax.device_put(images), jax.device_put(labels))
         if s >= steps - 10:
             tail.append(jax.device_get(sums))
     nnx.update(model, params, rest)

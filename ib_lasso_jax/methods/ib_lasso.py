@@ -89,7 +89,7 @@ def _logits(model, images, batch_size=256) -> np.ndarray:
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     images = np.asarray(images, np.float32)
-    return np.concatenate([np.asarray(forward(state, jnp.asarray(x)))[:real]
+    return np.concatenate([np.asarray(forward(state, jax.device_put(x)))[:real]
                            for x, real in padded_batches(images, batch_size)])
 
 

@@ -16,7 +16,6 @@ import zlib
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -226,7 +225,8 @@ def initialise(model: nnx.Module, seed: int) -> nnx.Module:
             dtype = var.get_value().dtype
             full = f"{prefix}/{attr}" if prefix else attr
             rng = np.random.default_rng([seed, zlib.crc32(full.encode())])
-            var.set_value(jnp.asarray(_init_value(module, attr, shape, rng), dtype=dtype))
+            # Converted on the host: jnp.asarray(..., dtype) would compile a conversion per shape.
+            var.set_value(jax.device_put(np.asarray(_init_value(module, attr, shape, rng), dtype=dtype)))
     return model
 
 
