@@ -26,6 +26,7 @@ the network), original vs pruned, to show where the time goes.
 
     python experiments/bench_latency.py                        # VGG-16 and ResNet-56, ~5-10 min on 2 CPU cores
     python experiments/bench_latency.py --per-layer --round 8 16
+    python experiments/bench_latency.py --models resnet56 --round-to 8 --policy coupled
     python experiments/bench_latency.py --smoke                # a narrow VGG-11, seconds (for tests)
 """
 
@@ -110,7 +111,7 @@ def interleaved_medians(fns: dict, x, rounds: int, min_seconds: float = 0.02) ->
 
 
 def variants(name: str, widths, target: float, method: str, rounding: tuple[int, ...], n_per_class: int,
-             round_to: tuple[int, ...] = ()):
+             round_to: tuple[int, ...] = (), policies: tuple[str, ...] = ()):
     """``(original, {variant: model}, prune report)`` for one model and budget."""
     original = models.create(name, NUM_CLASSES, INPUT_SHAPE, widths, rngs=0)
     original.eval()
@@ -119,6 +120,11 @@ def variants(name: str, widths, target: float, method: str, rounding: tuple[int,
     for m in round_to:  # the real path: the same FLOPs target, every width a multiple of m
         out[f"pruned with round_to={m}"] = prune(original, calibration(n_per_class), method, target_flops=target,
                                                  round_to=m)[0]
+    for policy in policies:  # e.g. "coupled": residual streams pruned too (one group per stream)
+        for m in (None, *round_to):
+            label = f"pruned, policy={policy}" + ("" if m is None else f", round_to={m}")
+            out[label] = prune(original, calibration(n_per_class), method, target_flops=target, policy=policy,
+                               round_to=m)[0]
     base_widths = original.spec.widths
     for m in rounding:
         w = round_widths(small.spec.widths, base_widths, m)
@@ -186,6 +192,9 @@ def main(argv=None) -> list[dict]:
                    help="also time the pruned widths rounded up to these multiples (e.g. 8 16)")
     p.add_argument("--round-to", type=int, nargs="*", default=(), dest="round_to",
                    help="also prune with prune(..., round_to=m) at the same FLOPs target (e.g. 8 16)")
+    p.add_argument("--policy", nargs="*", default=(), dest="policies",
+                   help="also prune under these channel policies at the same FLOPs target (e.g. coupled), "
+                        "with each --round-to too")
     p.add_argument("--per-layer", action="store_true", help="time every convolution on its own too")
     p.add_argument("--calibration-per-class", type=int, default=10)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -204,7 +213,7 @@ def main(argv=None) -> list[dict]:
     for name, widths, target in configs:
         t0 = time.perf_counter()
         original, pruned, report = variants(name, widths, target, args.method, rounding, args.calibration_per_class,
-                                            tuple(args.round_to))
+                                            tuple(args.round_to), tuple(args.policies))
         flops0 = counting.count(original).flops
         flops = {v: counting.count(m).flops for v, m in pruned.items()}
         print(f"{name}: pruned with {args.method} to FLOPs -{100 * report.flops_reduction:.1f}% "
