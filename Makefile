@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --durations=25 tests
 
 # Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode
-# (`make test` runs 8 of the 14; this target runs all of them and nothing else).
+# (`make test` runs 11 of the 14; this target runs all of them and nothing else).
 test-papers: $(STAMP)
 	IB_LASSO_PAPER_SMOKE=all $(BIN)/python -m pytest -q -n $(WORKERS) tests/test_pipeline.py -k paper_config_smoke
 

@@ -117,7 +117,9 @@ def main(argv=None) -> int:
 
     base_cfg = load_config("mnist5k_vgg").replace(num_epochs=args.epochs, progress=progress)
     if args.smoke:
-        base_cfg = base_cfg.replace(smoke=True)
+        # One device, as the pipeline's smoke mode: compiling for one device is faster, and the
+        # sharded path has its own tests (the test suite fakes 4 CPU devices).
+        base_cfg = base_cfg.replace(smoke=True, data_parallel=False)
     print(f"[1/5] training the baseline ({base_cfg.model}, {base_cfg.num_epochs} epochs on {base_cfg.dataset})",
           flush=True)
     base = train_and_evaluate(base_cfg, out / "baseline")

@@ -4,7 +4,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true --xla_cpu_opt_preset=FAST_COMPILE")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
