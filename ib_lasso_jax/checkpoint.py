@@ -286,8 +286,7 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _to_host(x: Any) -> Any:
     """A fully addressable ``jax.Array`` as a NumPy array (typed PRNG keys stay as they are)."""
-    if (isinstance(x, jax.Array) and x.is_fully_addressable
-            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not _is_key(x):
         return np.asarray(jax.device_get(x))
     return x
 
@@ -402,9 +401,8 @@ def _restore_state(state_dir: Path, target: Any | None, expected_from: str) -> A
                 f"failed ({type(e).__name__}: {_first_line(e)}); expected a complete orbax "
                 "checkpoint written by save_model/save_pytree"
             ) from e
-    if target is not None:
-        out = jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
-    return out
+    # jax arrays on the default device, however they were written
+    return jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
 
 
 # --------------------------------------------------------------------------------------
@@ -463,10 +461,7 @@ def restore_pytree(path: str | os.PathLike, target: Any | None = None) -> Any:
       CheckpointError: missing, corrupted, or not matching ``target``.
     """
     state_dir = _resolve(path) / STATE_DIR
-    out = _restore_state(state_dir, target, "the given target")
-    if target is None:  # jax arrays, however they were written
-        out = jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
-    return out
+    return _restore_state(state_dir, target, "the given target")
 
 
 # --------------------------------------------------------------------------------------
