@@ -38,13 +38,24 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy: a long test (a minute or more); scheduled first")
+    config.addinivalue_line(
+        "markers", "heavy(seconds): a long test and its rough duration on 2 cores; scheduled longest first")
+
+
+def _heavy_seconds(item) -> float:
+    mark = item.get_closest_marker("heavy")
+    if mark is None:
+        return 0.0
+    return float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 60))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first: xdist hands tests out in collection order, so the minute-long tests
-    start at once instead of forming a tail after the short ones."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable
+    """Longest first (the classic LPT schedule): xdist hands tests out in collection order, so
+    the long tests start at once instead of forming a tail after the short ones. With xdist's
+    default chunks the first worker received the first quarter of the collection, every long
+    test, and ran ~2 minutes after the other went idle: the Makefile passes
+    ``--maxschedchunk=1`` so each worker takes the next test when it is free."""
+    items.sort(key=_heavy_seconds, reverse=True)  # stable: the others keep their order
 
 
 def randomise_batchnorm(model, seed=0):

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import demo  # noqa: E402
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=83)
 def test_demo_smoke(tmp_path):
     assert demo.main(["--out", str(tmp_path), "--smoke", "--target-flops", "0.4"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -139,6 +139,7 @@ def mnist32():
     return load_dataset("mnist5k", image_size=32)
 
 
+@pytest.mark.heavy(seconds=30)
 def test_directed_weights_align_coupled_zeros(mnist32):
     """Short DWGL training on MNIST: coupled members zero the same high indices, and more coupled
     channels are prunable than with the plain group lasso of the same total strength (MEASURED)."""

@@ -69,7 +69,7 @@ def _run(path, tmp_path, monkeypatch):
     return json.loads(text.split("CHECK", 1)[1])
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=40)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     got = _run(path, tmp_path, monkeypatch)
