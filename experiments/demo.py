@@ -32,6 +32,7 @@ from configs import load as load_config  # noqa: E402
 
 from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
+from ib_lasso_jax.pipeline import SMOKE_METHOD_OPTIONS  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.training import (checkpoint_model_spec, evaluate, finetune, latest_checkpoint,  # noqa: E402
                                    reestimate_batchnorm, train_and_evaluate)
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     for i, method in enumerate(("sglp-ib", "l1-norm")):
         print(f"[{2 + i}/5] pruning with {method} to FLOPs -{100 * args.target_flops:.0f}% "
               f"(calibration: {per_class} images per class)", flush=True)
-        small, report = prune(model, (images, labels), method, target_flops=args.target_flops)
+        options = SMOKE_METHOD_OPTIONS.get(method, {}) if args.smoke else {}  # the pipeline's smoke knobs
+        small, report = prune(model, (images, labels), method, target_flops=args.target_flops, **options)
         reestimate_batchnorm(small, iter(train_batches), num_batches=2 if args.smoke else 16)
         acc = evaluate(small, ds)["accuracy"]
         reports[method] = report
