@@ -2,8 +2,8 @@
 
 Every paper config is checked cheaply (loads, validates, documents its command, its smoke
 model fits its data set, its method options exist); end to end under ``tfds.testing.mock_data``
-with ``smoke=True`` eight of them run by default and all fourteen with
-``IB_LASSO_PAPER_SMOKE=all`` (20 s to 1.5 min each on 2 CPU cores, almost all of it XLA
+with ``smoke=True`` twelve of them run by default and all fourteen with
+``IB_LASSO_PAPER_SMOKE=all`` (20 s to 1.8 min each on 2 CPU cores, almost all of it XLA
 compilation: deep networks compile slowly even when shrunk, see docs/pipeline.md).
 """
 
@@ -239,13 +239,28 @@ SMOKE_SECONDS = {"dwgl_resnet50_imagenet": 48, "ic_resnet50_imagenet": 48, "sglp
                  "dwgl_resnet20_cifar10": 30, "entropic_lenet_mnist": 19}
 
 
+# Run by `make test`: 12 of the 14 configs (every data set and method family; LeNet-5,
+# ResNet-20, the four ResNet-56 rows, VGG-16, ImageNet ResNet-50). Opt-in (per config; a group
+# runs the members not listed) are GoogLeNet and ResNet-110 (80-110 s each on 2 busy cores,
+# almost all of it compiling their training steps): their architectures are covered by the
+# model, coupling and surgery tests (and ResNet-110's builder by the ResNet-56 rows), their
+# method (sGLP-IB) and data set by the configs here. Session 7, fresh clone: all fourteen took
+# 14 min 52 s of tests (15 min 43 s with the install), too close to the 15-minute budget.
+# `make test-papers` (IB_LASSO_PAPER_SMOKE=all) runs all fourteen and nothing else.
+OPT_IN_E2E = {"sglp_googlenet_cifar10", "sglp_resnet110_cifar10"}
+ALL_E2E = os.environ.get("IB_LASSO_PAPER_SMOKE", "") == "all"
+
+
 @pytest.mark.parametrize("names", [
     pytest.param(g, id="+".join(g), marks=pytest.mark.heavy(seconds=sum(SMOKE_SECONDS.get(n, 60) for n in g)))
     for g in _baseline_groups()])
 def test_paper_config_smoke_end_to_end(names, tmp_path):
-    """Paper configs end to end in smoke mode, all fourteen. Configs that share a baseline run
-    in one test: each trains its own (shrunk) baseline, but the compiled training step is reused."""
-    for name in names:
+    """Paper configs end to end in smoke mode. Configs that share a baseline run in one test:
+    each trains its own (shrunk) baseline, but the compiled training step is reused."""
+    run = [n for n in names if ALL_E2E or n not in OPT_IN_E2E]
+    if not run:
+        pytest.skip("opt-in (80-110 s on 2 cores): `make test-papers` or IB_LASSO_PAPER_SMOKE=all runs it")
+    for name in run:
         config = papers.load(name).replace(smoke=True, data_dir=str(tmp_path / "tfds"))
         work = tmp_path / name
         with tfds.testing.mock_data(num_examples=_mock_examples(config.dataset),
