@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.installed
 # each worker takes the next test when it is free (xdist's default chunks gave the first
 # worker every long test; the conftest orders them longest first).
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --maxschedchunk=1
 # pip's byte-compilation of every installed module is 40% of the install (85 -> 48 s); with
 # --no-compile, Python writes the bytecode of the modules actually imported on first import,
 # which needs PYTHONDONTWRITEBYTECODE unset (some machines set it) for our runs.
 RUN := PYTHONDONTWRITEBYTECODE= $(BIN)/python
+PYTEST := $(RUN) -m pytest -q -n $(WORKERS) --maxschedchunk=1
 
 .PHONY: demo test test-papers install clean bench
 
@@ -29,12 +29,12 @@ demo: $(STAMP)
 	$(RUN) experiments/demo.py --out results/demo
 
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(PYTEST) --durations=25 tests
+	$(PYTEST) --durations=25 tests
 
 # Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode
 # (`make test` runs 12 of the 14; this target runs all of them and nothing else).
 test-papers: $(STAMP)
-	IB_LASSO_PAPER_SMOKE=all PYTHONDONTWRITEBYTECODE= $(PYTEST) tests/test_pipeline.py -k paper_config_smoke
+	IB_LASSO_PAPER_SMOKE=all $(PYTEST) tests/test_pipeline.py -k paper_config_smoke
 
 # Benchmarks print ratios measured side by side (no assertions).
 bench: $(STAMP)
