@@ -4,8 +4,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                           "--xla_llvm_disable_expensive_passes=true --xla_cpu_opt_preset=FAST_COMPILE")
+# Two CPU devices per process, and the test suite's compile-time flags (conftest.FAST_COMPILE_FLAGS).
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                           + os.environ.get("IB_LASSO_TEST_XLA_FLAGS", ""))
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import FAST_COMPILE_FLAGS
 
 
 def _free_port() -> int:
@@ -22,7 +23,7 @@ def test_two_processes_compute_the_global_batch():
     procs = []
     for pid in range(2):
         env = dict(os.environ, IB_LASSO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", IB_LASSO_NUM_PROCESSES="2",
-                   IB_LASSO_PROCESS_ID=str(pid))
+                   IB_LASSO_PROCESS_ID=str(pid), IB_LASSO_TEST_XLA_FLAGS=FAST_COMPILE_FLAGS)
         procs.append(subprocess.Popen([sys.executable, str(worker)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = []

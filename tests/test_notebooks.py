@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,7 @@ def _run(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     # One CPU device is enough here (conftest asks for 4 for the data-parallel tests).
     # The same compile-time flags as the other tests (FAST_COMPILE: a third of the compile time).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                                    "--xla_cpu_opt_preset=FAST_COMPILE")
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     client.execute()  # raises CellExecutionError naming the cell on any error
     for cell in nb.cells:
