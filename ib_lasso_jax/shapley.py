@@ -128,7 +128,9 @@ def evaluate_coalitions(value_fn: Callable, masks, *, batch_size: int = 64, args
       value_fn: ``value_fn(mask (n,), *args) -> scalar`` (JAX-traceable), vmapped here; or,
         with ``vectorized=True``, ``value_fn(masks (B, n), *args) -> (B,)`` called as is.
       masks: ``(K, n)`` coalitions as 0/1 floats.
-      batch_size: coalitions per call; the last chunk is padded (one compiled shape).
+      batch_size: coalitions per call; the last chunk is padded (one compiled shape). Fewer
+        than ``batch_size`` coalitions run as one call padded to the next power of two, so
+        small calls of different sizes share a few compiled shapes (not one each).
       args: passed to every call unbatched (large arrays go here, not in a closure, so they
         are arguments of the compiled function rather than constants baked into it).
     """
@@ -136,7 +138,7 @@ def evaluate_coalitions(value_fn: Callable, masks, *, batch_size: int = 64, args
         raise ValueError(f"batch_size must be a positive int (coalitions per call); got {batch_size!r}")
     masks = np.asarray(masks, np.float32)
     k = masks.shape[0]
-    bs = int(min(batch_size, k))
+    bs = int(batch_size) if k >= batch_size else min(int(batch_size), 1 << max(k - 1, 0).bit_length())
     fn = value_fn if vectorized else jax.jit(jax.vmap(value_fn, in_axes=(0,) + (None,) * len(args)))
     out = []
     for start in range(0, k, bs):
@@ -172,15 +174,12 @@ def permutation_shapley(value_fn: Callable, n_players: int, key: jax.Array, perm
     if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)) or permutations < 1:
         raise ValueError(f"permutations must be a positive int; got {permutations!r}")
     n = int(n_players)
-    ends = evaluate_coalitions(value_fn, np.stack([np.zeros(n), np.ones(n)]), batch_size=batch_size, args=args,
-                               vectorized=vectorized)
     perms, masks = permutation_coalitions(key, n, int(permutations), antithetic=antithetic)
-    if n > 1:
-        inner = evaluate_coalitions(value_fn, np.asarray(masks).reshape(-1, n), batch_size=batch_size, args=args,
-                                    vectorized=vectorized)
-    else:
-        inner = np.zeros(0)
-    return shapley_from_prefix_values(perms, inner.reshape(int(permutations), n - 1), ends[0], ends[1])
+    # The empty and the grand coalition go in the same calls as the prefixes: one compiled
+    # shape for the whole estimate (a call of two would compile the game once more).
+    every = np.concatenate([np.zeros((1, n)), np.ones((1, n)), np.asarray(masks).reshape(-1, n)])
+    v = evaluate_coalitions(value_fn, every, batch_size=batch_size, args=args, vectorized=vectorized)
+    return shapley_from_prefix_values(perms, v[2:].reshape(int(permutations), n - 1), v[0], v[1])
 
 
 def exact_shapley(value_fn: Callable, n_players: int, *, batch_size: int = 256, args: Sequence[Any] = (),

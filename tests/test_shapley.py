@@ -93,6 +93,25 @@ def test_vectorized_and_args_paths_agree():
     np.testing.assert_allclose(a, (masks @ np.asarray(w)) ** 2, rtol=1e-6)
 
 
+
+def test_one_compiled_shape_per_estimate():
+    """Every call of the game gets the same batch shape: the ends travel with the prefixes, and
+    small calls are padded to a power of two (each distinct shape would compile the game)."""
+    w = np.array([3.0, -1.0, 2.0, 0.5, 1.5, -2.0, 4.0, 1.0])
+    for n, perms, batch, want in ((4, 1, 8, {(8, 4)}), (8, 1, 8, {(8, 8)}), (8, 3, 16, {(16, 8)}), (1, 2, 8, {(2, 1)})):
+        shapes = []
+
+        def game(masks, n=n):
+            shapes.append(tuple(masks.shape))
+            return masks @ jnp.asarray(w[:n])
+
+        est = permutation_shapley(game, n, jax.random.key(1), perms, batch_size=batch, vectorized=True)
+        assert set(shapes) == want, (n, perms, batch, shapes)
+        np.testing.assert_allclose(est.values, w[:n], rtol=1e-5)  # additive game: phi = w
+    seen = []
+    out = evaluate_coalitions(lambda m: (seen.append(m.shape), m.sum(1))[1], np.eye(5), batch_size=64, vectorized=True)
+    assert seen == [(8, 5)] and out.tolist() == [1.0] * 5
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="permutations"):
         permutation_shapley(product, 4, jax.random.key(0), permutations=0)
