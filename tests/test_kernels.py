@@ -173,6 +173,25 @@ def test_output_and_logit_responses(x64):
         Dc = np.diag((y == c).astype(float))
         R = ref_centred(Dc @ Lraw @ Dc)
         close(L[c], R / np.linalg.norm(R), 1e-10)
+    # Every kernel, against the pair-by-pair formulas on the features centred over samples
+    # (the polynomial kernel sees them raw; centring changes no distance kernel).
+    Gf = G.reshape(10, -1)
+    for name, kernel in KERNELS.items():
+        X = Gf if kernel.name == "polynomial" else Gf - Gf.mean(0)
+        L = kk.output_responses(G, y, 3, kernel, normalize=False, dtype=jnp.float64)
+        for c in range(3):
+            Dc = np.diag((y == c).astype(float))
+            close(L[c], ref_centred(Dc @ ref_kernel(X, kernel) @ Dc), 1e-10)
+    # The median of a strided subsample of the pairs, as for channels (kernels.bandwidths).
+    sub = kk.gaussian(median_samples=4)
+    s2 = float(kk.bandwidths(Gf[:, None, :], sub)[0])
+    assert s2 != float(kk.bandwidths(Gf[:, None, :], KERNELS["gaussian-median"])[0])
+    X = Gf - Gf.mean(0)
+    K = np.exp(-((X[:, None] - X[None]) ** 2).sum(-1) / (2 * s2))
+    L = kk.output_responses(G, y, 3, sub, normalize=False, dtype=jnp.float64)
+    for c in range(3):
+        Dc = np.diag((y == c).astype(float))
+        close(L[c], ref_centred(Dc @ K @ Dc), 1e-10)
     z = rng.normal(size=(10, 3))
     Lz = kk.logit_responses(z, dtype=jnp.float64)
     for c in range(3):
