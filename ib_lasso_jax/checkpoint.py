@@ -3,12 +3,44 @@
 A *model checkpoint* is one directory::
 
     path/
-      spec.json       {"format": "ib_lasso_jax.model", "format_version": 1,
-                       "spec": ModelSpec.to_dict()}  -- the (possibly pruned) widths
-      metadata.json   optional caller JSON (e.g. a pruning report); absent if none given
-      state/          orbax checkpoint (StandardCheckpointHandler) of
-                      ``nnx.to_pure_dict(nnx.state(model))``: params, batch statistics,
-                      RNG state -- every NNX variable of the model
+      spec.json          {"format": "ib_lasso_jax.model", "format_version": 2,
+                          "spec": ModelSpec.to_dict()}  -- the (possibly pruned) widths
+      metadata.json      optional caller JSON (e.g. a pruning report); absent if none given
+      state/             orbax checkpoint (StandardCheckpointHandler) of the packed
+                         ``nnx.to_pure_dict(nnx.state(model))``: params, batch statistics,
+                         RNG state -- every NNX variable of the model (see below)
+      state_layout.json  where each leaf of that pytree is inside ``state/`` (see below)
+
+*Packed state* (:func:`save_pytree`, so every model and training checkpoint). Orbax costs
+~1-1.5 ms per array whatever its size and a model's state is hundreds of small arrays, so
+every host (NumPy) array of at most :data:`PACK_MAX_BYTES` is raveled and concatenated
+into one 1-D array per dtype. The orbax tree is::
+
+    {"__packed__": {"float32": <1-D>, "int32": <1-D>, ...},   # dtypes with elements only
+     "__arrays__": {"0": leaf, "1": leaf, ...}}                # stored as they are
+
+``__arrays__`` holds the leaves that are not packed: larger arrays, sharded jax.Arrays
+and typed PRNG keys (orbax stores their key data and restores them as keys), Python
+scalars. Empty groups are left out. ``state_layout.json`` lists every leaf of the saved
+pytree in flattening order::
+
+    {"format": "ib_lasso_jax.state_layout", "format_version": 1,
+     "packed": {"float32": 646, ...},              # element count of each packed array
+     "leaves": [
+       {"path": [["d", "convs"], ["d", 0], ["d", "kernel"]],   # "d": dict key (int or
+        "shape": [3, 3, 1, 6], "dtype": "float32",             # str as saved), "s": list
+        "packed": "float32", "offset": 0},                     # or tuple index
+       {"path": [["d", "rngs"], ["d", "key"]], "shape": [2], "dtype": "uint32",
+        "array": "0"},                              # stored as __arrays__/0 (key data)
+       {"path": [["d", "nothing"]], "empty": "dict"}]}   # empty dict/list/tuple or None
+
+Dtype names are those ``jnp.dtype`` parses (``bfloat16`` included). Restoring checks the
+layout against the arrays orbax has stored, then against the expected target, and gives
+the same pytrees as the unpacked format. A state without ``state_layout.json`` is the
+unpacked format of earlier versions (the pytree itself is the orbax tree) and is still
+read. ``spec.json`` has ``format_version`` 2 since the state is packed, so an older
+ib_lasso_jax (which reads format_version 1 only) refuses such a model checkpoint with a
+clear error instead of misreading it; this version reads 1 and 2.
 
 :func:`restore_model` needs nothing but the directory: it rebuilds the abstract model from
 ``spec.json`` (:func:`~ib_lasso_jax.models._registry.abstract_from_spec`, no memory, no
@@ -41,8 +73,10 @@ path at a time on a local file system, single-process JAX (no multi-host saves).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -51,6 +85,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -62,7 +97,9 @@ __all__ = [
     "CheckpointError",
     "FORMAT",
     "FORMAT_VERSION",
+    "LAYOUT_FILE",
     "METADATA_FILE",
+    "PACK_MAX_BYTES",
     "SPEC_FILE",
     "STATE_DIR",
     "atomic_directory",
@@ -75,10 +112,21 @@ __all__ = [
 ]
 
 FORMAT = "ib_lasso_jax.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed state (state_layout.json); 1: unpacked state, still read
+_READABLE_FORMAT_VERSIONS = (1, 2)
 SPEC_FILE = "spec.json"
 METADATA_FILE = "metadata.json"
 STATE_DIR = "state"
+LAYOUT_FILE = "state_layout.json"
+LAYOUT_FORMAT = "ib_lasso_jax.state_layout"
+LAYOUT_VERSION = 1
+# Arrays up to 1 MiB are packed: below it orbax's fixed ~1-1.5 ms per array dominates
+# (copying 1 MiB into the packed array takes ~0.04 ms); above it the array's own bytes
+# dominate, and packing would only add a copy (and its memory) for no gain.
+PACK_MAX_BYTES = 1 << 20
+
+_PACKED = "__packed__"
+_ARRAYS = "__arrays__"
 
 _TMP_INFIX = ".tmp-"
 _OLD_SUFFIX = ".old"
@@ -292,31 +340,216 @@ def _to_host(x: Any) -> Any:
 
 
 def _write_state(directory: Path, tree: Any) -> None:
-    """Write ``tree`` (a pure pytree of arrays) as an orbax checkpoint at new ``directory``.
+    """Write ``tree`` (a pure pytree of arrays) packed: orbax state at new ``directory``,
+    its layout as :data:`LAYOUT_FILE` next to it (see the module docstring).
 
-    Arrays held whole by this process are written from the host: orbax spends ~2.9 ms per
-    ``jax.Array`` and ~1.1 ms per NumPy array (480 small arrays: 1.37 s against 0.52 s), and
-    a model's state is hundreds of small arrays. Sharded arrays go to orbax as they are.
+    Orbax's cost is per array: ~1.1 ms to save and ~1.5 ms to restore each NumPy array
+    (~2.9 ms to save a ``jax.Array``) whatever its size, so arrays held whole by this
+    process are written from the host and the small ones packed. Measured on a busy 2-core
+    CPU (medians of 5, three runs), unpacked -> packed: 500 arrays of 8x8 float32: save
+    ~0.55 -> ~0.06 s, restore ~0.8 -> ~0.08 s; ResNet-56 (277 arrays): save_model
+    ~0.45 -> ~0.12 s, the state part of restore_model ~0.5 -> ~0.05 s (rebuilding the
+    abstract model, ~0.4 s, is the rest). Sharded arrays go to orbax as they are.
     """
-    tree = jax.tree.map(_to_host, tree)
+    stored, layout = _pack(jax.tree.map(_to_host, tree))
     with _checkpointer() as ckptr:
-        ckptr.save(directory, args=ocp.args.StandardSave(tree))
+        ckptr.save(directory, args=ocp.args.StandardSave(stored))
+    _write_text(directory.parent / LAYOUT_FILE, json.dumps(layout, separators=(",", ":")))
+
+
+def _is_packable(x: Any) -> bool:
+    """A small host array of numbers or bools (what :func:`_write_state` packs)."""
+    return (isinstance(x, (np.ndarray, np.generic)) and x.nbytes <= PACK_MAX_BYTES
+            and (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_))
+
+
+def _is_empty_node(x: Any) -> bool:
+    """None or an empty dict/list/tuple: part of the structure, but no leaf of it."""
+    return x is None or (type(x) in (dict, list, tuple) and not x)
+
+
+def _path_entry(k: Any) -> list:
+    """A key of a pytree path as JSON: ``["s", index]`` for sequences, else ``["d", key]``."""
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return ["s", k.idx]
+    key = getattr(k, "key", getattr(k, "name", k))
+    return ["d", key if type(key) is int else str(key)]
+
+
+def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a leaf as orbax's metadata will give it (Python scalars: NumPy's)."""
+    if hasattr(leaf, "dtype"):
+        return _shape_dtype(leaf)
+    a = np.asarray(leaf)
+    return a.shape, a.dtype
+
+
+def _pack(tree: Any) -> tuple[dict, dict]:
+    """``tree`` as the orbax tree of the packed format and its layout (module docstring)."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    arrays: dict[str, Any] = {}
+    leaves = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty_node)[0]:
+        entry: dict[str, Any] = {"path": [_path_entry(k) for k in kp]}
+        if _is_empty_node(leaf):
+            entry["empty"] = "none" if leaf is None else "dict" if isinstance(leaf, dict) else "list"
+        elif _is_packable(leaf):
+            name = leaf.dtype.name
+            entry.update(shape=list(leaf.shape), dtype=name, packed=name, offset=sizes.get(name, 0))
+            chunks.setdefault(name, []).append(np.ravel(leaf))
+            sizes[name] = entry["offset"] + leaf.size
+        else:
+            shape, dtype = _stored_shape_dtype(leaf)
+            entry.update(shape=list(shape), dtype=dtype.name, array=str(len(arrays)))
+            arrays[entry["array"]] = leaf
+        leaves.append(entry)
+    packed = {name: np.concatenate(c) for name, c in chunks.items() if sizes[name]}
+    layout = {"format": LAYOUT_FORMAT, "format_version": LAYOUT_VERSION, "packed": sizes, "leaves": leaves}
+    return _orbax_tree(packed, arrays), layout
+
+
+def _orbax_tree(packed: dict[str, Any], arrays: dict[str, Any]) -> dict:
+    """The orbax tree of the packed format (orbax refuses empty dicts: they are left out)."""
+    return {k: v for k, v in ((_PACKED, packed), (_ARRAYS, arrays)) if v}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One entry of ``state_layout.json``: where a leaf of the saved pytree is stored."""
+
+    path: tuple[tuple[str, int | str], ...]
+    shape: tuple[int, ...] = ()
+    dtype: np.dtype | None = None
+    packed: str | None = None  # in __packed__/<packed> from `offset` on
+    offset: int = 0
+    array: str | None = None  # stored whole as __arrays__/<array>
+    empty: str | None = None  # "dict", "list" or "none": no array at all
+
+    @property
+    def key(self) -> str:
+        """The ``"a/b/0"`` name of the leaf (as in mismatch messages)."""
+        return "/".join(str(k) for _, k in self.path)
+
+
+def _parse_leaf(e: dict, sizes: dict[str, int]) -> _Leaf:
+    """A ``leaves`` entry of the layout, validated (ValueError/TypeError/KeyError if not)."""
+    path = tuple((kind, key) for kind, key in e["path"])
+    if any(not (kind == "d" and type(key) in (int, str) or kind == "s" and type(key) is int)
+           for kind, key in path):
+        raise ValueError(f"invalid path {e['path']!r}: expected [\"d\", int or str] or [\"s\", int] keys")
+    if "empty" in e:
+        if e["empty"] not in ("dict", "list", "none"):
+            raise ValueError(f"invalid empty {e['empty']!r}: expected 'dict', 'list' or 'none'")
+        return _Leaf(path, empty=e["empty"])
+    shape = tuple(e["shape"])
+    if any(type(d) is not int or d < 0 for d in shape) or type(e["dtype"]) is not str:
+        raise ValueError(f"invalid shape {e['shape']!r} or dtype {e['dtype']!r} at {e['path']!r}: "
+                         "expected non-negative ints and a dtype name")
+    leaf = _Leaf(path, shape, jnp.dtype(e["dtype"]), e.get("packed"), e.get("offset", 0), e.get("array"))
+    if leaf.packed is not None:
+        size, total = math.prod(shape), sizes.get(leaf.packed)
+        if leaf.packed != leaf.dtype.name or type(leaf.offset) is not int or total is None or not (
+                0 <= leaf.offset <= total - size):
+            raise ValueError(
+                f"leaf {leaf.key!r} ({size} {leaf.dtype.name}) at packed {leaf.packed!r} offset "
+                f"{leaf.offset!r} lies outside the packed arrays {sizes!r}")
+    elif type(leaf.array) is not str:
+        raise ValueError(f"leaf {leaf.key!r} has neither 'packed', 'array' nor 'empty'")
+    return leaf
+
+
+def _read_layout(file: Path) -> tuple[dict[str, int], list[_Leaf]]:
+    """The packed element counts and the leaves of a ``state_layout.json``, validated."""
+    data = _read_json(file)
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if found != LAYOUT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} is not an ib_lasso_jax state layout: format is "
+            f"{found!r}, expected {LAYOUT_FORMAT!r}"
+        )
+    if data.get("format_version") != LAYOUT_VERSION:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} has format_version {data.get('format_version')!r}; "
+            f"this version of ib_lasso_jax reads state layouts of format_version {LAYOUT_VERSION}"
+        )
+    try:
+        sizes = dict(data["packed"])
+        if any(type(n) is not int or n < 0 for n in sizes.values()):
+            raise ValueError(f"invalid packed sizes {sizes!r}: expected non-negative ints")
+        return sizes, [_parse_leaf(e, sizes) for e in data["leaves"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} holds an invalid state layout ({type(e).__name__}: "
+            f"{_first_line(e)}); expected the layout written by save_model/save_pytree"
+        ) from e
+
+
+def _check_layout(
+    sizes: dict[str, int], leaves: list[_Leaf], stored: Any, file: Path, state_dir: Path
+) -> None:
+    """Raise CheckpointError unless orbax holds exactly the arrays the layout describes."""
+    want = {f"{_PACKED}/{name}": ((n,), jnp.dtype(name)) for name, n in sizes.items() if n}
+    want.update({f"{_ARRAYS}/{x.array}": (x.shape, x.dtype) for x in leaves if x.array is not None})
+    _raise_mismatches(_flat_shapes(stored), want, state_dir,
+                      f"its layout {str(file)!r}; the state and the layout must come from the same save")
+
+
+def _unflatten(items: list[tuple[tuple, Any]], file: Path) -> Any:
+    """The pytree of ``(path, value)`` pairs, as stored: dicts with str keys, lists."""
+    if len(items) == 1 and not items[0][0]:
+        return items[0][1]
+    kinds = {path[0][0] if path else None for path, _ in items}
+    if len(kinds) != 1 or None in kinds:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} holds an invalid state layout: the paths "
+            f"{[p for p, _ in items][:_MAX_LISTED]} do not form a tree; expected the layout "
+            "written by save_model/save_pytree"
+        )
+    groups: dict[int | str, list] = {}
+    for path, value in items:
+        groups.setdefault(path[0][1], []).append((path[1:], value))
+    children = {key: _unflatten(group, file) for key, group in groups.items()}
+    if kinds == {"d"}:
+        return {str(key): child for key, child in children.items()}
+    if sorted(children) != list(range(len(children))):
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} holds an invalid state layout: list indices "
+            f"{sorted(children)} are not 0..{len(children) - 1}; expected the layout written by "
+            "save_model/save_pytree"
+        )
+    return [children[i] for i in range(len(children))]
+
+
+def _unpack(out: dict, sizes: dict[str, int], leaves: list[_Leaf]) -> list[Any]:
+    """The value of every layout entry, from the restored orbax tree of the packed format."""
+    packed = {name: np.asarray(out[_PACKED][name]) if n else np.empty(0, jnp.dtype(name))
+              for name, n in sizes.items()}
+    empty = {"dict": dict, "list": list, "none": lambda: None}
+    return [
+        empty[x.empty]() if x.empty is not None
+        else out[_ARRAYS][x.array] if x.array is not None
+        else packed[x.packed][x.offset:x.offset + math.prod(x.shape)].reshape(x.shape)
+        for x in leaves
+    ]
 
 
 def _key_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype | None]:
+    """``(shape, dtype)`` of an array, ShapeDtypeStruct or orbax metadata; keys as key data."""
+    dtype = getattr(leaf, "dtype", None)
+    if _is_key(leaf):
+        leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
+        dtype = leaf.dtype
+    return tuple(getattr(leaf, "shape", ())), None if dtype is None else np.dtype(dtype)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
     """``{"a/b/c": (shape, dtype)}`` of every leaf; typed PRNG keys as their stored key data."""
-    out = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if _is_key(leaf):
-            leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
-            dtype = leaf.dtype
-        out[_key_str(kp)] = (tuple(getattr(leaf, "shape", ())), None if dtype is None else np.dtype(dtype))
-    return out
+    return {_key_str(kp): _shape_dtype(leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _fmt(shape_dtype: tuple) -> str:
@@ -324,9 +557,8 @@ def _fmt(shape_dtype: tuple) -> str:
     return f"{shape} {dtype}"
 
 
-def _mismatches(stored: Any, target: Any) -> list[str]:
-    """Human-readable differences between stored array metadata and a target pytree."""
-    have, want = _flat_shapes(stored), _flat_shapes(target)
+def _mismatches(have: dict[str, tuple], want: dict[str, tuple]) -> list[str]:
+    """Human-readable differences between stored and expected ``_flat_shapes``."""
     problems = [f"{k}: expected {_fmt(want[k])}, missing from the checkpoint" for k in want if k not in have]
     problems += [f"{k}: stored {_fmt(have[k])}, not expected" for k in have if k not in want]
     problems += [
@@ -335,6 +567,20 @@ def _mismatches(stored: Any, target: Any) -> list[str]:
         if k in have and have[k] != want[k]
     ]
     return problems
+
+
+def _raise_mismatches(
+    have: dict[str, tuple], want: dict[str, tuple], state_dir: Path, expected_from: str
+) -> None:
+    """Raise CheckpointError listing the differences if the stored arrays are not as expected."""
+    problems = _mismatches(have, want)
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED])
+        more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CheckpointError(
+            f"checkpoint state {str(state_dir)!r} does not match {expected_from}: "
+            f"{len(problems)} array(s) differ: {listed}{more}"
+        )
 
 
 def _stored_metadata(ckptr: ocp.Checkpointer, state_dir: Path) -> Any:
@@ -375,34 +621,64 @@ def _restore_target(target: Any) -> Any:
 
 
 def _restore_state(state_dir: Path, target: Any | None, expected_from: str) -> Any:
-    """Restore the orbax state at ``state_dir``, checked against ``target`` if given."""
+    """Restore the orbax state at ``state_dir`` (packed or not), checked against ``target`` if given."""
     if not state_dir.is_dir():
         raise CheckpointError(
             f"checkpoint state {str(state_dir)!r} is missing; expected the {STATE_DIR!r} "
             "directory written by save_model/save_pytree"
         )
+    layout_file = state_dir.parent / LAYOUT_FILE
     with _checkpointer() as ckptr:
         stored = _stored_metadata(ckptr, state_dir)
+        if layout_file.exists():
+            sizes, leaves = _read_layout(layout_file)
+            _check_layout(sizes, leaves, stored, layout_file, state_dir)
+            have = {x.key: (x.shape, x.dtype) for x in leaves if x.empty is None}
+        elif isinstance(stored, dict) and (_PACKED in stored or _ARRAYS in stored):
+            raise CheckpointError(
+                f"checkpoint file {str(layout_file)!r} is missing: the state {str(state_dir)!r} is "
+                f"packed and cannot be read without it; expected the {LAYOUT_FILE} written by "
+                "save_model/save_pytree"
+            )
+        else:  # unpacked state of earlier versions: the orbax tree is the pytree
+            sizes, leaves, have = None, None, _flat_shapes(stored)
+        orbax_target = None
         if target is not None:
-            problems = _mismatches(stored, target)
-            if problems:
-                listed = "; ".join(problems[:_MAX_LISTED])
-                more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-                raise CheckpointError(
-                    f"checkpoint state {str(state_dir)!r} does not match {expected_from}: "
-                    f"{len(problems)} array(s) differ: {listed}{more}"
-                )
-            target = _restore_target(target)
+            _raise_mismatches(have, _flat_shapes(target), state_dir, expected_from)
+            orbax_target = target
+            if leaves is not None:
+                wanted = {_key_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+                orbax_target = _orbax_tree({name: jax.ShapeDtypeStruct((n,), jnp.dtype(name))
+                                            for name, n in sizes.items() if n},
+                                           {x.array: wanted[x.key] for x in leaves if x.array is not None})
+            orbax_target = _restore_target(orbax_target)
         try:
-            out = ckptr.restore(state_dir, args=ocp.args.StandardRestore(target))
+            out = ckptr.restore(state_dir, args=ocp.args.StandardRestore(orbax_target))
         except Exception as e:  # noqa: BLE001 -- any orbax/tensorstore failure means corruption
             raise CheckpointError(
                 f"checkpoint state {str(state_dir)!r} is corrupted or truncated: restoring it "
                 f"failed ({type(e).__name__}: {_first_line(e)}); expected a complete orbax "
                 "checkpoint written by save_model/save_pytree"
             ) from e
-    # jax arrays on the default device, however they were written
-    return jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, out)
+    if leaves is not None:
+        values = _unpack(out, sizes, leaves)
+        if target is None:
+            out = _unflatten([(x.path, v) for x, v in zip(leaves, values)], layout_file)
+        else:
+            by_key = {x.key: v for x, v in zip(leaves, values) if x.empty is None}
+            flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+            out = jax.tree.unflatten(treedef, [by_key[_key_str(kp)] for kp, _ in flat])
+    return _to_device(out)
+
+
+def _to_device(tree: Any) -> Any:
+    """``tree`` with its NumPy arrays as jax arrays on the default device, however they were
+    written (one batched ``jax.device_put``: ~3x faster than one call per array)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    hosted = [i for i, x in enumerate(leaves) if isinstance(x, np.ndarray)]
+    for i, x in zip(hosted, jax.device_put([leaves[i] for i in hosted])):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,7 +698,8 @@ def save_pytree(
     Args:
       path: the checkpoint directory to create or replace.
       tree: a pure pytree (nested dicts/lists) of arrays, e.g. ``nnx.to_pure_dict(state)``.
-      json_files: ``{"name.json": data}`` written next to the state as JSON.
+      json_files: ``{"name.json": data}`` written next to the state as JSON (not
+        :data:`LAYOUT_FILE`, which holds the state's layout).
       overwrite: whether an existing checkpoint at ``path`` may be replaced.
 
     Returns:
@@ -430,12 +707,18 @@ def save_pytree(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False (or it is not a checkpoint).
-      ValueError: a JSON file name is invalid or its data is not JSON-serialisable.
+      ValueError: a JSON file name is invalid or reserved, or its data is not
+        JSON-serialisable.
     """
     texts = {}
     for name, data in (json_files or {}).items():
         if not isinstance(name, str) or not _JSON_NAME.match(name):
             raise ValueError(f"json_files keys must be plain file names ending in '.json'; got {name!r}")
+        if name == LAYOUT_FILE:
+            raise ValueError(
+                f"json_files key {name!r} is reserved: save_pytree writes the state layout to "
+                f"{LAYOUT_FILE!r}; choose another file name"
+            )
         texts[name] = _dumps(data, f"json_files[{name!r}]")
     target = _as_target(path)
     with atomic_directory(target, overwrite=overwrite) as tmp:
@@ -529,10 +812,11 @@ def _spec_from_dir(ckpt: Path) -> ModelSpec:
             f"checkpoint file {str(file)!r} is not an ib_lasso_jax model spec: format is "
             f"{found!r}, expected {FORMAT!r}"
         )
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in _READABLE_FORMAT_VERSIONS:
         raise CheckpointError(
             f"checkpoint file {str(file)!r} has format_version {data.get('format_version')!r}; "
-            f"this version of ib_lasso_jax reads format_version {FORMAT_VERSION}"
+            f"this version of ib_lasso_jax reads format_version "
+            f"{' or '.join(map(str, _READABLE_FORMAT_VERSIONS))}"
         )
     try:
         return ModelSpec.from_dict(data["spec"])

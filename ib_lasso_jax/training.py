@@ -40,7 +40,9 @@ Work directory layout::
         train_state.json         step, data-iterator position (epoch, step), data seed,
                                  model spec, config, eval metrics, best accuracy so far
         state/                   orbax: params, other model variables (BatchNorm
-                                 statistics, RNG state), optimiser state leaves
+                                 statistics, RNG state), optimiser state leaves, the
+                                 small ones packed into one array per dtype
+        state_layout.json        where each leaf is in state/ (see ib_lasso_jax.checkpoint)
       model/                   the final model (checkpoint.save_model), with the final
                                metrics as metadata
 

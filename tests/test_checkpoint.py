@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -164,7 +165,7 @@ def test_round_trip_params_batch_stats_outputs(tmp_path):
     assert checkpoint.load_metadata(path) == {"kept": [1, 0, 1], "ratio": 0.5, "note": "hi"}
     # no temporary directories anywhere after success
     assert _siblings(path) == ["ckpt"]
-    assert sorted(os.listdir(path)) == ["metadata.json", "spec.json", "state"]
+    assert sorted(os.listdir(path)) == ["metadata.json", "spec.json", "state", "state_layout.json"]
     assert not [n for n in _all_names(path) if "tmp" in n]
 
 
@@ -202,6 +203,132 @@ def test_restore_pytree_round_trip(tmp_path):
         checkpoint.restore_pytree(path, bad)
     with pytest.raises(ValueError, match="json_files keys"):
         checkpoint.save_pytree(tmp_path / "x", tree, json_files={"../evil.json": 1})
+
+
+def _as_stored(tree):
+    """``tree`` as a restore without target gives it: dict keys as str, tuples as lists."""
+    if isinstance(tree, dict):
+        return {str(k): _as_stored(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_as_stored(v) for v in tree]
+    return tree
+
+
+def _assert_same_tree(out, expected):
+    """Same structure (key types included), and leaves of the same type, dtype, shape and bits."""
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+    for (kp, x), y in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(expected)):
+        where = jax.tree_util.keystr(kp)
+        assert isinstance(x, jax.Array) and _is_key(x) == _is_key(y), where
+        assert x.dtype == y.dtype and x.shape == np.shape(y), (where, x.dtype, x.shape)
+        assert np.asarray(_as_numbers(x)).tobytes() == np.asarray(_as_numbers(y)).tobytes(), where
+
+
+def _mixed_tree():
+    rng = np.random.default_rng(1)
+    big_rows = checkpoint.PACK_MAX_BYTES // (4 * 1024) + 1  # just above the packing threshold
+    return {
+        "f32": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),  # a jax.Array
+        "bf16": jnp.asarray(rng.standard_normal((5,)), jnp.bfloat16),
+        "f16": rng.standard_normal((2, 2)).astype(np.float16),
+        "i32": np.arange(-3, 3, dtype=np.int32),
+        "u8": np.array([0, 7, 255], np.uint8),
+        "flags": np.array([True, False, True]),
+        "scalars": [np.float32(1.5), np.array(7, np.int32), jnp.array(True), jnp.asarray(2.5, jnp.bfloat16)],
+        "empty": {"vec": np.zeros((0,), np.float32), "mat": np.zeros((3, 0), np.int16)},  # only int16
+        "edge": np.full(checkpoint.PACK_MAX_BYTES // 4, 0.25, np.float32),  # exactly the threshold
+        "big": rng.standard_normal((big_rows, 1024)).astype(np.float32),
+        "key": jax.random.key(5),
+        "by_index": {
+            0: np.ones((2,), np.float32),
+            1: {"deep": [np.int32(4), [np.uint8(9), np.ones((1, 1), np.float16)]]},
+        },
+        "pair": (np.float32(-1.0), np.array([1, 2], np.int32)),
+        "nothing": {"d": {}, "l": [], "n": None},  # structure without arrays
+    }
+
+
+def test_packed_round_trip_mixed_tree(tmp_path):
+    tree = _mixed_tree()
+    path = checkpoint.save_pytree(tmp_path / "mixed", tree)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    _assert_same_tree(checkpoint.restore_pytree(path, target), tree)  # int keys, tuples kept
+    _assert_same_tree(checkpoint.restore_pytree(path), _as_stored(tree))  # as stored: str keys
+
+    layout = json.loads((path / checkpoint.LAYOUT_FILE).read_text())
+    where = {"/".join(str(k) for _, k in e["path"]): e for e in layout["leaves"]}
+    assert where["big"]["array"] and where["key"]["array"]  # too large / a typed key: orbax leaves
+    assert where["key"]["dtype"] == "uint32" and where["bf16"]["dtype"] == "bfloat16"
+    assert where["edge"]["packed"] == "float32" and where["empty/mat"]["packed"] == "int16"
+    assert [k for _, k in where["by_index/1/deep/1/0"]["path"]] == ["by_index", 1, "deep", 1, 0]
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        stored = ckptr.metadata(path / "state").item_metadata.tree
+    assert sorted(stored["__packed__"]) == ["bfloat16", "bool", "float16", "float32", "int32", "uint8"]
+    assert len(stored["__arrays__"]) == 2
+    assert stored["__packed__"]["float32"].shape == (12 + 1 + 2 + 1 + checkpoint.PACK_MAX_BYTES // 4,)
+
+
+def test_model_state_is_packed(tmp_path):
+    model = make_model()
+    path = checkpoint.save_model(tmp_path / "ckpt", model)
+    leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+    assert len(leaves) == 14
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        stored = ckptr.metadata(path / "state").item_metadata.tree
+    # 14 float32 arrays, one orbax array
+    assert len(jax.tree.leaves(stored)) == 1
+    assert stored["__packed__"]["float32"].shape == (sum(x.size for x in leaves),)
+    layout = json.loads((path / checkpoint.LAYOUT_FILE).read_text())
+    assert layout["format"] == "ib_lasso_jax.state_layout" and layout["format_version"] == 1
+    assert len(layout["leaves"]) == 14
+    assert json.loads((path / "spec.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 2
+
+
+def test_layout_file_name_is_reserved(tmp_path):
+    with pytest.raises(ValueError, match=r"json_files key 'state_layout.json' is reserved"):
+        checkpoint.save_pytree(tmp_path / "x", {"w": np.ones(2)}, json_files={"state_layout.json": {}})
+    assert not (tmp_path / "x").exists()
+
+
+def _save_legacy(path, tree, json_files):
+    """A checkpoint as written before packing: the pytree itself is the orbax tree, no layout."""
+    path.mkdir(parents=True)
+    host = jax.tree.map(lambda x: x if _is_key(x) else np.asarray(x), tree)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(path / "state", args=ocp.args.StandardSave(host))
+    for name, data in json_files.items():
+        (path / name).write_text(json.dumps(data))
+
+
+def test_legacy_unpacked_checkpoint_restores(tmp_path):
+    model = make_model(seed=2)
+    path = tmp_path / "legacy_model"
+    spec_doc = {"format": checkpoint.FORMAT, "format_version": 1, "spec": model.spec.to_dict()}
+    _save_legacy(path, nnx.to_pure_dict(nnx.state(model)), {"spec.json": spec_doc})
+    assert sorted(os.listdir(path)) == ["spec.json", "state"]
+    restored = checkpoint.restore_model(path)
+    assert restored.spec == model.spec
+    _assert_same_state(model, restored)
+    np.testing.assert_array_equal(_eval_out(restored), _eval_out(model))
+
+    tree = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "layers": {0: {"b": np.ones(2, np.int32)}, 1: {"b": np.zeros(2, np.int32)}},
+        "seq": [np.float16(1.0), [np.uint8(3), jnp.asarray([1.5], jnp.bfloat16)]],
+        "key": jax.random.key(4),
+    }
+    _save_legacy(tmp_path / "legacy_tree", tree, {})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    _assert_same_tree(checkpoint.restore_pytree(tmp_path / "legacy_tree", target), tree)
+    _assert_same_tree(checkpoint.restore_pytree(tmp_path / "legacy_tree"), _as_stored(tree))
+    bad = {**target, "w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}
+    with pytest.raises(checkpoint.CheckpointError, match=r"w: stored \(2, 3\) float32, expected \(3, 3\)"):
+        checkpoint.restore_pytree(tmp_path / "legacy_tree", bad)
+
+    # a legacy checkpoint is replaced by a packed one like any other
+    checkpoint.save_model(path, restored, overwrite=True)
+    assert (path / checkpoint.LAYOUT_FILE).is_file()
+    _assert_same_state(model, checkpoint.restore_model(path))
 
 
 def test_overwrite_protection(tmp_path):
@@ -360,6 +487,50 @@ def _state_removed(path):
     shutil.rmtree(path / "state")
 
 
+def _future_format_version(path):
+    doc = json.loads((path / "spec.json").read_text())
+    (path / "spec.json").write_text(json.dumps({**doc, "format_version": 3}))
+
+
+def _edit_layout(edit):
+    def corrupt(path):
+        layout = json.loads((path / "state_layout.json").read_text())
+        edit(layout)
+        (path / "state_layout.json").write_text(json.dumps(layout))
+
+    corrupt.__name__ = edit.__name__
+    return corrupt
+
+
+def _truncated_layout(path):
+    text = (path / "state_layout.json").read_text()
+    (path / "state_layout.json").write_text(text[: len(text) // 2])
+
+
+def _layout_removed(path):
+    (path / "state_layout.json").unlink()
+
+
+def _layout_longer_than_stored(layout):
+    layout["packed"]["float32"] += 10  # the stored packed array is too short for it
+
+
+def _layout_dtype_not_stored(layout):
+    layout["packed"]["int32"] = 4
+
+
+def _layout_wrong_version(layout):
+    layout["format_version"] = 99
+
+
+def _layout_leaf_outside_packed(layout):
+    layout["leaves"][-1]["offset"] = layout["packed"]["float32"]
+
+
+def _layout_leaf_without_dtype(layout):
+    del layout["leaves"][0]["dtype"]
+
+
 # orbax/tensorstore may report "Event loop is closed" from background callbacks of the
 # failed read; that is orbax's noise, not a failure of the test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -371,6 +542,19 @@ def _state_removed(path):
         (_broken_spec_json, "spec.json.*corrupted or truncated: not valid JSON"),
         (_wrong_format, "not an ib_lasso_jax model spec"),
         (_state_removed, "state.*is missing"),
+        (_future_format_version, 
+         "spec.json.*format_version 3; this version of ib_lasso_jax reads format_version 1 or 2"),
+        (_truncated_layout, "state_layout.json.*corrupted or truncated: not valid JSON"),
+        (_layout_removed, "state_layout.json.*is missing: the state .* is packed"),
+        (_edit_layout(_layout_longer_than_stored),
+         r"does not match its layout .*state_layout.json.*__packed__/float32: stored \(\d+,\) float32, "
+         r"expected \(\d+,\) float32"),
+        (_edit_layout(_layout_dtype_not_stored),
+         r"state_layout.json.*__packed__/int32: expected \(4,\) int32, missing from the checkpoint"),
+        (_edit_layout(_layout_wrong_version), "state_layout.json.*format_version 99"),
+        (_edit_layout(_layout_leaf_outside_packed), "state_layout.json.*invalid state layout.*lies outside"),
+        (_edit_layout(_layout_leaf_without_dtype),
+         r"state_layout.json.*invalid state layout \(KeyError: 'dtype'"),
     ],
 )
 def test_corrupted_checkpoint_raises_checkpoint_error(tmp_path, corrupt, expected):
