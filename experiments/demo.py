@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     base = train_and_evaluate(base_cfg, out / "baseline")
     model = base.model
     ds = load_dataset(base_cfg.dataset, image_size=base_cfg.image_size)
-    acc_base = evaluate(model, ds)["accuracy"]
+    # Smoke: 2 batches of the test split (as the smoke TrainConfig's evaluations), not all 1000.
+    eval_kw = {"max_batches": 2} if args.smoke else {}
+    acc_base = evaluate(model, ds, **eval_kw)["accuracy"]
     c_base = counting.count(model)
 
     per_class = 3 if args.smoke else args.per_class
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         options = SMOKE_METHOD_OPTIONS.get(method, {}) if args.smoke else {}  # the pipeline's smoke knobs
         small, report = prune(model, (images, labels), method, target_flops=args.target_flops, **options)
         reestimate_batchnorm(small, iter(train_batches), num_batches=2 if args.smoke else 16)
-        acc = evaluate(small, ds)["accuracy"]
+        acc = evaluate(small, ds, **eval_kw)["accuracy"]
         reports[method] = report
         pruned_models[method] = small
         rows.append((method, report.params_after, report.flops_after, acc, None, report.seconds))
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     for i, method in enumerate(("sglp-ib", "l1-norm")):
         tuned = finetune(pruned_models[method], tune_cfg, _finetune_dir(out, method, pruned_models[method]))
         name, params, flops, acc, _, secs = rows[1 + i]
-        rows[1 + i] = (name, params, flops, acc, evaluate(tuned.model, ds)["accuracy"], secs)
+        rows[1 + i] = (name, params, flops, acc, evaluate(tuned.model, ds, **eval_kw)["accuracy"], secs)
         if method == "sglp-ib":
             checkpoint.save_model(out / "pruned_sglp-ib", tuned.model, metadata=reports[method].to_dict(),
                                   overwrite=True)
