@@ -2,16 +2,14 @@
 
 Every paper config is checked cheaply (loads, validates, documents its command, its smoke
 model fits its data set, its method options exist); end to end under ``tfds.testing.mock_data``
-with ``smoke=True`` twelve of them run by default and all fourteen with
-``IB_LASSO_PAPER_SMOKE=all`` (20 s to 1.8 min each on 2 CPU cores, almost all of it XLA
-compilation: deep networks compile slowly even when shrunk, see docs/pipeline.md).
+with ``smoke=True`` all fourteen run (20 s to 1.5 min each on 2 CPU cores, almost all of it
+XLA compilation: deep networks compile slowly even when shrunk, see docs/pipeline.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -231,25 +229,14 @@ def _mock_examples(dataset: str) -> int:
     return {"cifar100": 1000, "imagenet2012": 64}.get(dataset, 200)
 
 
-# Seconds each config's smoke run took in its group on 2 cores (session 7, `make test`); they
-# only order the schedule (conftest: longest first), nothing is asserted on them.
-SMOKE_SECONDS = {"dwgl_resnet50_imagenet": 48, "ic_resnet50_imagenet": 48, "sglp_resnet50_imagenet": 48,
-                 "dwgl_resnet56_cifar10": 46, "ic_resnet56_cifar10": 46, "sglp_resnet56_cifar10": 46,
-                 "sglp_googlenet_cifar10": 89, "entropic_vgg16_cifar10": 40, "sglp_vgg16_cifar10": 40,
-                 "sglp_resnet110_cifar10": 69, "sglp_resnet56_cifar100": 60, "sglp_vgg16_cifar100": 40,
-                 "dwgl_resnet20_cifar10": 30, "entropic_lenet_mnist": 19}
-
-
-# Run by `make test`: 12 of the 14 configs (every data set and method family; LeNet-5,
-# ResNet-20, the four ResNet-56 rows, VGG-16, ImageNet ResNet-50). Opt-in (per config; a group
-# runs the members not listed) are GoogLeNet and ResNet-110 (80-110 s each on 2 busy cores,
-# almost all of it compiling their training steps): their architectures are covered by the
-# model, coupling and surgery tests (and ResNet-110's builder by the ResNet-56 rows), their
-# method (sGLP-IB) and data set by the configs here. Session 7, fresh clone: all fourteen took
-# 14 min 52 s of tests (15 min 43 s with the install), too close to the 15-minute budget.
-# `make test-papers` (IB_LASSO_PAPER_SMOKE=all) runs all fourteen and nothing else.
-OPT_IN_E2E = {"sglp_googlenet_cifar10", "sglp_resnet110_cifar10"}
-ALL_E2E = os.environ.get("IB_LASSO_PAPER_SMOKE", "") == "all"
+# Seconds each config's smoke run took in its group on 2 cores (session 8, `make test` with all
+# fourteen; a group's later members reuse its baseline); they only order the schedule
+# (conftest: longest first), nothing is asserted on them.
+SMOKE_SECONDS = {"dwgl_resnet50_imagenet": 60, "ic_resnet50_imagenet": 40, "sglp_resnet50_imagenet": 40,
+                 "dwgl_resnet56_cifar10": 50, "ic_resnet56_cifar10": 37, "sglp_resnet56_cifar10": 37,
+                 "sglp_googlenet_cifar10": 91, "entropic_vgg16_cifar10": 42, "sglp_vgg16_cifar10": 35,
+                 "sglp_resnet110_cifar10": 71, "sglp_resnet56_cifar100": 53, "sglp_vgg16_cifar100": 44,
+                 "dwgl_resnet20_cifar10": 26, "entropic_lenet_mnist": 18}
 
 
 @pytest.mark.parametrize("names", [
@@ -260,11 +247,8 @@ def test_paper_config_smoke_end_to_end(names, tmp_path):
     sections) run in one test: the first trains the (shrunk) baseline, the others start from a
     copy of its finished baseline directory, as a user running several methods on one baseline
     does; the pipeline reuses it (nothing retrained, checked) and goes on from there."""
-    run = [n for n in names if ALL_E2E or n not in OPT_IN_E2E]
-    if not run:
-        pytest.skip("opt-in (80-110 s on 2 cores): `make test-papers` or IB_LASSO_PAPER_SMOKE=all runs it")
     first_baseline = None
-    for name in run:
+    for name in names:
         config = papers.load(name).replace(smoke=True, data_dir=str(tmp_path / "tfds"))
         work = tmp_path / name
         if first_baseline is not None:

@@ -60,7 +60,7 @@ def _forward(model, x):
 # layer and coupling patterns with more blocks, so one or two depths per builder are checked
 # here (ResNet-110's 30 s bought nothing the others do not); every model's construction, spec
 # and channel graph are checked in test_models / test_coupling, and ResNet-110 runs end to end
-# (prune, surgery, finetune) in its paper config, opt-in (`make test-papers`), not in `make test`.
+# (prune, surgery, finetune) in its paper config (test_pipeline).
 DEPTH_VARIANTS = {"resnet32", "resnet110", "resnet34", "vgg13", "vgg19"}
 CASES = ([(n, "coupled") for n in available() if n not in DEPTH_VARIANTS]
          + [("resnet20", "inner"), ("resnet50", "inner")])
