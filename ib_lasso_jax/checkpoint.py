@@ -19,8 +19,8 @@ into one 1-D array per dtype. The orbax tree is::
     {"__packed__": {"float32": <1-D>, "int32": <1-D>, ...},   # dtypes with elements only
      "__arrays__": {"0": leaf, "1": leaf, ...}}                # stored as they are
 
-``__arrays__`` holds the leaves that are not packed: larger arrays, sharded jax.Arrays
-and typed PRNG keys (orbax stores their key data and restores them as keys), Python
+``__arrays__`` holds the leaves that are not packed: larger arrays, jax.Arrays not fully
+addressable by this process (multi-process sharding) and typed PRNG keys (orbax stores their key data and restores them as keys), Python
 scalars. Empty groups are left out. ``state_layout.json`` lists every leaf of the saved
 pytree in flattening order::
 
@@ -349,9 +349,17 @@ def _write_state(directory: Path, tree: Any) -> None:
     CPU (medians of 5, three runs), unpacked -> packed: 500 arrays of 8x8 float32: save
     ~0.55 -> ~0.06 s, restore ~0.8 -> ~0.08 s; ResNet-56 (277 arrays): save_model
     ~0.45 -> ~0.12 s, the state part of restore_model ~0.5 -> ~0.05 s (rebuilding the
-    abstract model, ~0.4 s, is the rest). Sharded arrays go to orbax as they are.
+    abstract model, ~0.4 s, is the rest). Arrays not fully addressable by this process go
+    to orbax as they are.
+
+    Raises:
+      ValueError: ``tree`` holds no array with elements (orbax stores no empty tree).
     """
     stored, layout = _pack(jax.tree.map(_to_host, tree))
+    if not stored:
+        shapes = [tuple(x["shape"]) for x in layout["leaves"] if "shape" in x][:_MAX_LISTED]
+        raise ValueError(f"tree must hold at least one array with elements to be saved; got only empty "
+                         f"arrays and containers (array shapes: {shapes})")
     with _checkpointer() as ckptr:
         ckptr.save(directory, args=ocp.args.StandardSave(stored))
     _write_text(directory.parent / LAYOUT_FILE, json.dumps(layout, separators=(",", ":")))
@@ -449,13 +457,19 @@ def _parse_leaf(e: dict, sizes: dict[str, int]) -> _Leaf:
     leaf = _Leaf(path, shape, jnp.dtype(e["dtype"]), e.get("packed"), e.get("offset", 0), e.get("array"))
     if leaf.packed is not None:
         size, total = math.prod(shape), sizes.get(leaf.packed)
-        if leaf.packed != leaf.dtype.name or type(leaf.offset) is not int or total is None or not (
-                0 <= leaf.offset <= total - size):
+        if leaf.packed != leaf.dtype.name:
+            raise ValueError(f"leaf {leaf.key!r} of dtype {leaf.dtype.name!r} is packed in {leaf.packed!r}: "
+                             "expected the packed array of its own dtype")
+        if type(leaf.offset) is not int:
+            raise ValueError(f"leaf {leaf.key!r} has offset {leaf.offset!r}: expected an int")
+        if total is None or not 0 <= leaf.offset <= total - size:
             raise ValueError(
-                f"leaf {leaf.key!r} ({size} {leaf.dtype.name}) at packed {leaf.packed!r} offset "
-                f"{leaf.offset!r} lies outside the packed arrays {sizes!r}")
-    elif type(leaf.array) is not str:
+                f"leaf {leaf.key!r} ({size} {leaf.dtype.name}) at offset {leaf.offset} lies outside the "
+                f"packed arrays {sizes!r}")
+    elif "array" not in e:
         raise ValueError(f"leaf {leaf.key!r} has neither 'packed', 'array' nor 'empty'")
+    elif type(leaf.array) is not str:
+        raise ValueError(f"leaf {leaf.key!r} has array {leaf.array!r}: expected a str key of {_ARRAYS}")
     return leaf
 
 
@@ -477,6 +491,9 @@ def _read_layout(file: Path) -> tuple[dict[str, int], list[_Leaf]]:
         sizes = dict(data["packed"])
         if any(type(n) is not int or n < 0 for n in sizes.values()):
             raise ValueError(f"invalid packed sizes {sizes!r}: expected non-negative ints")
+        bad = [name for name in sizes if type(name) is not str or jnp.dtype(name).name != name]
+        if bad:
+            raise ValueError(f"invalid packed dtype names {bad!r}: expected dtype names such as 'float32'")
         return sizes, [_parse_leaf(e, sizes) for e in data["leaves"]]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
@@ -707,8 +724,8 @@ def save_pytree(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False (or it is not a checkpoint).
-      ValueError: a JSON file name is invalid or reserved, or its data is not
-        JSON-serialisable.
+      ValueError: a JSON file name is invalid or reserved, its data is not
+        JSON-serialisable, or ``tree`` holds no array with elements.
     """
     texts = {}
     for name, data in (json_files or {}).items():

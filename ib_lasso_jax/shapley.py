@@ -160,7 +160,9 @@ def permutation_shapley(value_fn: Callable, n_players: int, key: jax.Array, perm
         :func:`evaluate_coalitions` for ``vectorized``).
       n_players: ``n >= 1``.
       key: a JAX random key for the orders.
-      permutations: orders drawn, ``P >= 1``; the cost is ``P * (n - 1) + 2`` evaluations.
+      permutations: orders drawn, ``P >= 1``; the cost is ``P * (n - 1) + 2`` evaluations
+        (computed in calls of ``batch_size``; a smaller total is padded to a power of two, so
+        up to twice as many rows may be computed, the padding dropped).
       batch_size: coalitions per vmapped call.
       args: unbatched extra arguments of ``value_fn``.
       vectorized: ``value_fn`` takes a batch of masks itself.

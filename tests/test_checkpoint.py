@@ -290,6 +290,12 @@ def test_layout_file_name_is_reserved(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_tree_of_empty_arrays_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"tree must hold at least one array with elements.*\(0, 3\)"):
+        checkpoint.save_pytree(tmp_path / "x", {"w": np.zeros((0, 3)), "b": {}})
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+
+
 def _save_legacy(path, tree, json_files):
     """A checkpoint as written before packing: the pytree itself is the orbax tree, no layout."""
     path.mkdir(parents=True)
@@ -531,6 +537,20 @@ def _layout_leaf_without_dtype(layout):
     del layout["leaves"][0]["dtype"]
 
 
+def _layout_unknown_dtype(layout):
+    layout["packed"]["float33"] = 0
+
+
+def _layout_leaf_in_other_dtype(layout):
+    layout["leaves"][0]["packed"] = "int32"
+
+
+def _layout_leaf_array_not_a_key(layout):
+    leaf = layout["leaves"][0]
+    del leaf["packed"], leaf["offset"]
+    leaf["array"] = 0
+
+
 # orbax/tensorstore may report "Event loop is closed" from background callbacks of the
 # failed read; that is orbax's noise, not a failure of the test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -542,7 +562,7 @@ def _layout_leaf_without_dtype(layout):
         (_broken_spec_json, "spec.json.*corrupted or truncated: not valid JSON"),
         (_wrong_format, "not an ib_lasso_jax model spec"),
         (_state_removed, "state.*is missing"),
-        (_future_format_version, 
+        (_future_format_version,
          "spec.json.*format_version 3; this version of ib_lasso_jax reads format_version 1 or 2"),
         (_truncated_layout, "state_layout.json.*corrupted or truncated: not valid JSON"),
         (_layout_removed, "state_layout.json.*is missing: the state .* is packed"),
@@ -555,6 +575,11 @@ def _layout_leaf_without_dtype(layout):
         (_edit_layout(_layout_leaf_outside_packed), "state_layout.json.*invalid state layout.*lies outside"),
         (_edit_layout(_layout_leaf_without_dtype),
          r"state_layout.json.*invalid state layout \(KeyError: 'dtype'"),
+        (_edit_layout(_layout_unknown_dtype), r"state_layout.json.*invalid state layout.*float33"),
+        (_edit_layout(_layout_leaf_in_other_dtype),
+         r"state_layout.json.*invalid state layout.*packed in 'int32': expected the packed array of its own"),
+        (_edit_layout(_layout_leaf_array_not_a_key),
+         r"state_layout.json.*invalid state layout.*has array 0: expected a str key"),
     ],
 )
 def test_corrupted_checkpoint_raises_checkpoint_error(tmp_path, corrupt, expected):

@@ -93,7 +93,6 @@ def test_vectorized_and_args_paths_agree():
     np.testing.assert_allclose(a, (masks @ np.asarray(w)) ** 2, rtol=1e-6)
 
 
-
 def test_one_compiled_shape_per_estimate():
     """Every call of the game gets the same batch shape: the ends travel with the prefixes, and
     small calls are padded to a power of two (each distinct shape would compile the game)."""
@@ -111,6 +110,7 @@ def test_one_compiled_shape_per_estimate():
     seen = []
     out = evaluate_coalitions(lambda m: (seen.append(m.shape), m.sum(1))[1], np.eye(5), batch_size=64, vectorized=True)
     assert seen == [(8, 5)] and out.tolist() == [1.0] * 5
+
 
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="permutations"):
