@@ -390,16 +390,21 @@ def _prepare(F, kernel: Kernel):
     if kernel.name != "polynomial":
         x = x - jnp.mean(x, axis=1, keepdims=True)
     x = jnp.where(alive[:, None, None], x, 0.0)
-    if kernel.name == "gaussian":
-        if kernel.bandwidth == "fixed":
-            sigma2 = jnp.full(x.shape[0], kernel.sigma ** 2, x.dtype)
-        elif kernel.bandwidth == "dim":
-            sigma2 = jnp.full(x.shape[0], float(x.shape[2]), x.dtype)
-        else:
-            sigma2 = _median_sigma2(x, kernel.median_samples)
-    else:
-        sigma2 = jnp.ones(x.shape[0], x.dtype)
+    sigma2 = _sigma2(kernel, x.shape[0], float(x.shape[2]), x.dtype,
+                     lambda: _median_sigma2(x, kernel.median_samples))
     return x, sigma2, alive
+
+
+def _sigma2(kernel: Kernel, c: int, dim, dtype, median):
+    """The per-channel gaussian ``sigma^2`` ``(C,)`` by the kernel's bandwidth rule: fixed, D
+    (``dim``, a number or a traced scalar), or ``median()``; ones for the other kernels."""
+    if kernel.name != "gaussian":
+        return jnp.ones(c, dtype)
+    if kernel.bandwidth == "fixed":
+        return jnp.full(c, kernel.sigma ** 2, dtype)
+    if kernel.bandwidth == "dim":
+        return jnp.full(c, dim, dtype)
+    return median()
 
 
 def bandwidths(F, kernel: str | Kernel = "gaussian"):
@@ -560,16 +565,13 @@ def _output_responses(inner, y, dim, kernel: Kernel, num_classes: int, normalize
     n = inner.shape[0]
     sq = jnp.diagonal(inner)
     d2 = jnp.where(np.eye(n, dtype=bool), 0.0, jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * inner, 0.0))[None]
-    if kernel.name == "gaussian" and kernel.bandwidth == "fixed":
-        sigma2 = jnp.full(1, kernel.sigma ** 2, inner.dtype)
-    elif kernel.name == "gaussian" and kernel.bandwidth == "dim":
-        sigma2 = jnp.reshape(dim, (1,))
-    elif kernel.name == "gaussian":
+
+    def median():  # over the pairs of the strided subsample, as _median_sigma2
         idx = _strided(n, n if kernel.median_samples is None else kernel.median_samples)
         iu = np.triu_indices(len(idx), 1)
-        sigma2 = _median_of_pairs(d2[:, idx[iu[0]], idx[iu[1]]])
-    else:
-        sigma2 = jnp.ones(1, inner.dtype)
+        return _median_of_pairs(d2[:, idx[iu[0]], idx[iu[1]]])
+
+    sigma2 = _sigma2(kernel, 1, dim, inner.dtype, median)
     L = _kernel_values(kernel, inner[None], d2, sigma2, dim)[0]
     U = _one_hot(y, num_classes, inner.dtype)
     Lc = centre_kernel(U[:, :, None] * L[None] * U[:, None, :])

@@ -18,7 +18,8 @@ change is refused with an error naming the settings) and the finetuning checkpoi
 ``smoke=True`` makes any config run in seconds on a CPU (a ``runlocal`` switch):
 
 * both TrainConfigs get ``smoke=True`` (see ``TrainConfig.resolved``), :data:`SMOKE_STEPS`
-  steps each, and run on one device (compiling for one device is faster; the sharded path has its own tests);
+  steps each, and run on one device (compiling for one device is faster; the sharded path
+  has its own tests);
 * the model is shrunk: every channel width of the width specification divided by
   :data:`SMOKE_WIDTH_DIVISOR` and clipped to [:data:`SMOKE_MIN_WIDTH`,
   :data:`SMOKE_MAX_WIDTH`] (:func:`shrink_widths`; the depth is unchanged), and
