@@ -324,6 +324,7 @@ def prune(
     tolerance: float = 0.01,
     seed: int = 0,
     round_to: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, PruneReport]:
     """Prune ``model`` with ``method`` to a target; returns ``(smaller_model, report)``.
@@ -345,6 +346,8 @@ def prune(
         e.g. 8 or 16 for hardware-friendly widths; the target search works on rounded masks
         (the reachable reductions are coarser: the best within reach is returned if the
         tolerance cannot be met). ``None``: any count.
+      input_shape: one example's shape, for tracing; default: ``model.spec.input_shape`` for a
+        zoo model, else the calibration images' shape.
       **options: method-specific options.
 
     Returns:
@@ -364,10 +367,6 @@ def prune(
     spec = _METHODS[method]
     if policy is None:
         policy = spec.default_policy or "inner"
-    graph = coupling.trace_channels(model, strict=False)
-    groups = graph.prunable(policy)
-    if not groups:
-        raise ValueError(f"model has no channel group prunable under policy={policy!r}")
     images = labels = None
     if calibration is not None:
         images, labels = (np.asarray(a) for a in calibration)
@@ -375,6 +374,12 @@ def prune(
             raise ValueError(f"calibration images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in number")
     elif spec.needs_data:
         raise ValueError(f"method {method!r} needs calibration data (images, labels)")
+    if input_shape is None and getattr(model, "spec", None) is None and images is not None:
+        input_shape = images.shape[1:]  # a user's own model: the calibration images carry the shape
+    graph = coupling.trace_channels(model, input_shape, strict=False)
+    groups = graph.prunable(policy)
+    if not groups:
+        raise ValueError(f"model has no channel group prunable under policy={policy!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
                                  or round_to < 1):
         raise ValueError(f"round_to must be a positive int (channels per block, e.g. 8) or None; got {round_to!r}")

@@ -208,7 +208,7 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
 
     spec = getattr(model, "spec", None)
     if not isinstance(spec, _registry.ModelSpec):
-        return _rebuild_in_place(model, paths, sliced)
+        return _rebuild_in_place(graphdef, treedef, sliced)
 
     new_spec = spec.replace_widths(new_widths(model, masks, policy, graph))
     abs_graphdef, abs_state = nnx.split(_registry.abstract_from_spec(new_spec))
@@ -229,16 +229,15 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
     return new_model
 
 
-def _rebuild_in_place(model, paths, sliced):
-    """Fallback for models outside the registry: a copy with replaced arrays and sizes."""
-    new_model = nnx.clone(model)
-    graphdef, state = nnx.split(new_model)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    state = jax.tree_util.tree_unflatten(treedef, sliced)
-    new_model = nnx.merge(graphdef, state)
-    for _, m in new_nnx.iter_modules(model):
+def _rebuild_in_place(graphdef, treedef, sliced):
+    """Models outside the registry: a copy with replaced arrays and layer sizes."""
+    new_model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, sliced))
+    # merge builds new module objects, so the copy's size attributes can be set without
+    # touching ``model``: every attribute that mirrors an array shape follows the sliced array.
+    for _, m in nnx.iter_modules(new_model):
         if isinstance(m, nnx.Conv):
-            m.in_features, m.out_features = int(m.kernel.get_value().shape[-2]) * m.feature_group_count, int(m.kernel.get_value().shape[-1])
+            kernel = m.kernel.get_value().shape
+            m.in_features, m.out_features = int(kernel[-2]) * m.feature_group_count, int(kernel[-1])
         elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = (int(s) for s in m.kernel.get_value().shape)
         elif isinstance(m, nnx.BatchNorm):
