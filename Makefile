@@ -15,7 +15,7 @@ WORKERS ?= 2
 RUN := PYTHONDONTWRITEBYTECODE= $(BIN)/python
 PYTEST := $(RUN) -m pytest -q -n $(WORKERS) --maxschedchunk=1
 
-.PHONY: demo test test-papers install clean bench
+.PHONY: demo test lint test-papers install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(RUN) experiments/demo.py --out results/demo
 
-test: $(STAMP)
-	$(PYTEST) --durations=25 tests
+# The linter first (seconds), then the tests and the package's docstring examples.
+lint: $(STAMP)
+	$(BIN)/ruff check ib_lasso_jax tests experiments
+
+test: lint
+	$(PYTEST) --durations=25 --doctest-modules tests ib_lasso_jax
 
 # Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode, and
 # nothing else (`make test` runs them too, with everything else).

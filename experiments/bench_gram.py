@@ -95,7 +95,8 @@ def main():
             label = f"{label} -> {'features' if fs else 'tiles'}"
         chunk = kk.default_chunk_size(c, d, fs)
         tile = kk.default_tile_size(n, c)
-        t = timed(lambda f, l: kk.gram_statistics(f, l, kernel, **kw), F, L, repeats=args.repeats)
+        t = timed(lambda f, lab, kernel=kernel, kw=kw: kk.gram_statistics(f, lab, kernel, **kw), F, L,
+                  repeats=args.repeats)
         flops = kk.gram_flops(n, c, d, r, kernel, **kw)["total"]
         mem = temp_bytes(F, L, kernel, chunk, tile, fs)
         rate = flops / t / 1e9
@@ -111,12 +112,12 @@ def main():
         print("\nsweep (laplacian, kernel tiles): tile, chunk -> time s")
         for tile in (63, 84, 100, 125, 167, 250):
             for chunk in (64, 128, 256, 512):
-                t = timed(lambda f, l: kk.gram_statistics(f, l, "laplacian", tile_size=tile,
-                                                          chunk_size=chunk), F, L, repeats=3)
+                t = timed(lambda f, lab, tile=tile, chunk=chunk: kk.gram_statistics(
+                    f, lab, "laplacian", tile_size=tile, chunk_size=chunk), F, L, repeats=3)
                 print(f"  tile {tile:4d} chunk {chunk:4d}: {t:.3f}")
         print("sweep (linear, feature space): chunk -> time s")
         for chunk in (16, 32, 64, 128, 256, 512):
-            t = timed(lambda f, l: kk.gram_statistics(f, l, "linear", chunk_size=chunk), F, L,
+            t = timed(lambda f, lab, chunk=chunk: kk.gram_statistics(f, lab, "linear", chunk_size=chunk), F, L,
                       repeats=3)
             print(f"  chunk {chunk:4d}: {t:.3f}")
 

@@ -25,7 +25,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -67,12 +66,12 @@ def bench_grid(channels=256, classes=10, n=200, grid=64):
     print(f"[1] one layer, C={channels}, {classes} classes, grid of {grid} lambdas "
           f"({jax.device_count()} device(s), backend {jax.default_backend()})")
     print(f"    single solve              {1e3 * t_single:9.2f} ms")
-    print(f"    vmapped grid (one call)   {1e3 * t_grid:9.2f} ms   = {t_grid / t_single:5.2f}x one solve (target <= 4x);"
-          f" {int(np.sum(it_grid))} iterations, every member runs {int(np.max(it_grid))}")
+    print(f"    vmapped grid (one call)   {1e3 * t_grid:9.2f} ms   = {t_grid / t_single:5.2f}x one solve "
+          f"(target <= 4x); {int(np.sum(it_grid))} iterations, every member runs {int(np.max(it_grid))}")
     print(f"    warm-started path (scan)  {1e3 * t_path:9.2f} ms   = {t_path / t_single:5.2f}x one solve;"
           f" {int(np.sum(it_path))} iterations in all")
-    print(f"    Python loop of {grid} solves {1e3 * t_loop:9.2f} ms   vmapped grid is {t_loop / t_grid:5.1f}x faster, "
-          f"path {t_loop / t_path:5.1f}x (target >= 10x)")
+    print(f"    Python loop of {grid} solves {1e3 * t_loop:9.2f} ms   "
+          f"vmapped grid is {t_loop / t_grid:5.1f}x faster, path {t_loop / t_path:5.1f}x (target >= 10x)")
 
 
 def bench_network(n_per_class=13, full_reference=False, target=0.6):

@@ -177,7 +177,8 @@ def markdown(rows: list[dict], columns) -> str:
             return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
         return str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"]
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"]
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 

@@ -29,7 +29,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +218,8 @@ def main(argv=None) -> int:
         s = summary[name]
         lines += [f"## {name}: baseline {100 * s['baseline_accuracy']:.2f}%, {counting.human(s['params'])} params, "
                   f"{counting.human(s['flops'])} FLOPs", "",
-                  "| FLOPs target | method | seeds | after pruning (BN re-est.) | after finetuning | FLOPs | params | time |",
+                  "| FLOPs target | method | seeds | after pruning (BN re-est.) | after finetuning "
+                  "| FLOPs | params | time |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for budget in budgets:
             for method in methods:
@@ -227,9 +227,10 @@ def main(argv=None) -> int:
                 if not rs:
                     lines.append(f"| -{100 * budget:.0f}% | {method} | 0 | not run yet | | | | |")
                     continue
-                f = lambda k: (100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]))  # noqa: E731
+                f = lambda k, rs=rs: (100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]))  # noqa: E731
                 lines.append(
-                    f"| -{100 * budget:.0f}% | {method} | {len(rs)} | {f('acc_pruned')[0]:.2f} +- {f('acc_pruned')[1]:.2f} | "
+                    f"| -{100 * budget:.0f}% | {method} | {len(rs)} | "
+                    f"{f('acc_pruned')[0]:.2f} +- {f('acc_pruned')[1]:.2f} | "
                     f"{f('acc_finetuned')[0]:.2f} +- {f('acc_finetuned')[1]:.2f} | -{f('flops_reduction')[0]:.1f}% | "
                     f"-{f('params_reduction')[0]:.1f}% | {np.mean([r['seconds'] for r in rs]):.1f} s |")
         lines.append("")

@@ -34,8 +34,14 @@ from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pipeline import SMOKE_METHOD_OPTIONS  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
-from ib_lasso_jax.training import (checkpoint_model_spec, evaluate, finetune, latest_checkpoint,  # noqa: E402
-                                   reestimate_batchnorm, train_and_evaluate)
+from ib_lasso_jax.training import (  # noqa: E402
+    checkpoint_model_spec,
+    evaluate,
+    finetune,
+    latest_checkpoint,
+    reestimate_batchnorm,
+    train_and_evaluate,
+)
 
 
 def _curves(path: Path) -> dict[str, list]:

@@ -52,8 +52,9 @@ def main(argv=None):
             small, r = prune(model, calib, "entropic", target_params=target, reconstruct=mode)
             acc = evaluate(small, ds)["accuracy"]
             widths = ", ".join(str(g["after"]) for g in r.groups.values())
-            rows.append(f"| {target:.2f} | {100 * r.params_reduction:.1f}% | {100 * r.flops_reduction:.1f}% | {widths} "
-                        f"| {mode} | {100 * acc:.2f}% | {100 * (base - acc):+.2f} pt | {time.perf_counter() - t0:.0f} |")
+            rows.append(f"| {target:.2f} | {100 * r.params_reduction:.1f}% | {100 * r.flops_reduction:.1f}% "
+                        f"| {widths} | {mode} | {100 * acc:.2f}% | {100 * (base - acc):+.2f} pt "
+                        f"| {time.perf_counter() - t0:.0f} |")
             print(rows[-1], flush=True)
     print(f"\nbaseline LeNet-5 test accuracy: {100 * base:.2f}% (mnist5k, 1000 test digits); "
           f"calibration: {args.per_class} images per class\n")

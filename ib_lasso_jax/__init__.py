@@ -9,27 +9,13 @@ The data path is the layout::
 This file re-exports the stable API; see each module for details.
 """
 
-from ib_lasso_jax import checkpoint
-from ib_lasso_jax import data
-from ib_lasso_jax import features
-from ib_lasso_jax import kernels
-from ib_lasso_jax import models
-from ib_lasso_jax import prox
-from ib_lasso_jax import structures
-from ib_lasso_jax import training
-from ib_lasso_jax.counting import Counts
-from ib_lasso_jax.counting import count
-from ib_lasso_jax.coupling import ChannelGraph
-from ib_lasso_jax.coupling import ChannelGroup
-from ib_lasso_jax.coupling import CouplingError
-from ib_lasso_jax.coupling import trace_channels
+from ib_lasso_jax import checkpoint, data, features, kernels, models, prox, structures, training
+from ib_lasso_jax.counting import Counts, count
+from ib_lasso_jax.coupling import ChannelGraph, ChannelGroup, CouplingError, trace_channels
 from ib_lasso_jax.models import create
-from ib_lasso_jax.pruning import PruneReport
-from ib_lasso_jax.pruning import available_methods
-from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.pruning import PruneReport, available_methods, prune
 from ib_lasso_jax.solvers import StructuredLasso
-from ib_lasso_jax.surgery import apply_masks
-from ib_lasso_jax.surgery import zero_channels
+from ib_lasso_jax.surgery import apply_masks, zero_channels
 
 __version__ = "0.1.0"
 

@@ -7,9 +7,9 @@ file.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

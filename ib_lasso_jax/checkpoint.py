@@ -20,9 +20,9 @@ into one 1-D array per dtype. The orbax tree is::
      "__arrays__": {"0": leaf, "1": leaf, ...}}                # stored as they are
 
 ``__arrays__`` holds the leaves that are not packed: larger arrays, jax.Arrays not fully
-addressable by this process (multi-process sharding) and typed PRNG keys (orbax stores their key data and restores them as keys), Python
-scalars. Empty groups are left out. ``state_layout.json`` lists every leaf of the saved
-pytree in flattening order::
+addressable by this process (multi-process sharding) and typed PRNG keys (orbax stores their
+key data and restores them as keys), Python scalars. Empty groups are left out.
+``state_layout.json`` lists every leaf of the saved pytree in flattening order::
 
     {"format": "ib_lasso_jax.state_layout", "format_version": 1,
      "packed": {"float32": 646, ...},              # element count of each packed array
@@ -81,8 +81,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ib_lasso_jax.models._registry import ModelSpec
-from ib_lasso_jax.models._registry import abstract_from_spec
+from ib_lasso_jax.models._registry import ModelSpec, abstract_from_spec
 
 __all__ = [
     "CheckpointError",

@@ -50,7 +50,8 @@ def _cmd_count(args) -> int:
         print(json.dumps(c.to_dict()))
     else:
         spec = getattr(model, "spec", None)
-        title = f"{spec.name} on input {'x'.join(map(str, spec.input_shape))}, {spec.num_classes} classes" if spec else ""
+        title = (f"{spec.name} on input {'x'.join(map(str, spec.input_shape))}, {spec.num_classes} classes"
+                 if spec else "")
         print(counting.format_table(c, title))
     return 0
 
@@ -64,8 +65,10 @@ def _cmd_models(args) -> int:
     for name in models.available():
         ds = models.default_dataset(name)
         shape, classes = models.dataset_shape(ds)
-        c = counting.count(nnx.eval_shape(lambda: models.create(name, classes, shape)))
-        print(f"{name:10s} {ds:13s} {counting.human(c.params):>10s} {counting.human(c.flops):>10s}  {models.describe(name)}")
+        c = counting.count(nnx.eval_shape(lambda name=name, classes=classes, shape=shape:
+                                          models.create(name, classes, shape)))
+        print(f"{name:10s} {ds:13s} {counting.human(c.params):>10s} {counting.human(c.flops):>10s}  "
+              f"{models.describe(name)}")
     return 0
 
 
@@ -196,7 +199,8 @@ def _cmd_prune(args) -> int:
                           floor=int(args.floor) if args.floor >= 1 else args.floor,
                           seed=args.seed, round_to=args.round_to, **options)
     if args.reestimate_bn:
-        reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)), num_batches=args.reestimate_bn)
+        reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)),
+                             num_batches=args.reestimate_bn)
     # Everything is computed before anything is written; the save itself is atomic.
     checkpoint.save_model(out / "model", small, metadata=report.to_dict(), overwrite=args.overwrite)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -452,9 +453,13 @@ class _Tracer:
             b += 1
             while pa != pb:
                 if pa < pb:
-                    ga.append(ia[a]); pa *= in_shape[ia[a]]; a += 1
+                    ga.append(ia[a])
+                    pa *= in_shape[ia[a]]
+                    a += 1
                 else:
-                    gb.append(ib[b]); pb *= out_shape[ib[b]]; b += 1
+                    gb.append(ib[b])
+                    pb *= out_shape[ib[b]]
+                    b += 1
             if len(ga) == 1 and len(gb) == 1:
                 out[gb[0]] = op.nodes[ga[0]]
             elif len(gb) == 1:
@@ -656,10 +661,10 @@ class ChannelGraph:
                 reason = bad[0]
                 if strict:
                     raise CouplingError(
-                        f"channel group {name!r} (layers {sorted({_module_of(k) for k in kernels})}) is touched by an "
-                        f"unsupported construct: {reason}. Use supported layers (conv, dense, BatchNorm, elementwise ops, "
-                        "pooling, residual adds, concatenation, flatten) or trace with strict=False to leave the group "
-                        "unpruned."
+                        f"channel group {name!r} (layers {sorted({_module_of(k) for k in kernels})}) is touched by "
+                        f"an unsupported construct: {reason}. Use supported layers (conv, dense, BatchNorm, "
+                        "elementwise ops, pooling, residual adds, concatenation, flatten) or trace with strict=False "
+                        "to leave the group unpruned."
                     )
             self.groups[name] = ChannelGroup(
                 name=name,
@@ -863,7 +868,7 @@ class ChannelGraph:
         pos = np.flatnonzero(sel)[np.argsort(idx, kind="stable")]
         return pos.reshape(size, per[0])
 
-    def observation(self, group: str) -> "Observation":
+    def observation(self, group: str) -> Observation:
         """Where to observe ``group``'s channels: the input of its first consumer.
 
         That input is what the next layer sees (after BatchNorm, activation and any

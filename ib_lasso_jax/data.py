@@ -388,7 +388,7 @@ class _AugParams(NamedTuple):
     crop_offsets: np.ndarray  # (B, 2) ints in [0, 2 * padding]
     flips: np.ndarray  # (B,) bool
 
-    def rows(self, lo: int, hi: int) -> "_AugParams":
+    def rows(self, lo: int, hi: int) -> _AugParams:
         return _AugParams(self.rrc_u[lo:hi], self.crop_offsets[lo:hi], self.flips[lo:hi])
 
 
@@ -638,7 +638,7 @@ class Dataset:
         shard_index: int = 0,
         num_shards: int = 1,
         prefetch: int = 0,
-    ) -> "BatchIterator":
+    ) -> BatchIterator:
         """A deterministic, resumable iterator of ``(images, labels)`` numpy batches.
 
         ``training=True`` sets the defaults ``shuffle=True``, ``augment=default_augment``
@@ -881,7 +881,7 @@ class BatchIterator:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:

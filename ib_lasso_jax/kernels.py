@@ -75,7 +75,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

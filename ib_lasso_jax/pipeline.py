@@ -134,7 +134,7 @@ class PruneConfig:
     bn_batch_size: int = 128
     tolerance: float = 0.01
 
-    def replace(self, **changes: Any) -> "PruneConfig":
+    def replace(self, **changes: Any) -> PruneConfig:
         valid = [f.name for f in dataclasses.fields(PruneConfig)]
         bad = [k for k in changes if k not in valid]
         if bad:
@@ -145,7 +145,7 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         from ib_lasso_jax.pruning import available_methods
 
         methods = available_methods()
@@ -170,8 +170,10 @@ class PruneConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"config.prune.{key}={v!r} is not valid; valid values: an integer >= {lo}")
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not 0 < self.tolerance < 1:
-            raise ValueError(f"config.prune.tolerance={self.tolerance!r} is not valid; valid values: a number in (0, 1)")
+        if (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
+                or not 0 < self.tolerance < 1):
+            raise ValueError(f"config.prune.tolerance={self.tolerance!r} is not valid; valid values: "
+                             "a number in (0, 1)")
         if not isinstance(self.options, Mapping):
             raise ValueError(f"config.prune.options={self.options!r} is not valid; valid values: a dict of method "
                              "options")
@@ -216,7 +218,7 @@ class PipelineConfig:
 
     # -- construction ----------------------------------------------------------------------
 
-    def replace(self, **changes: Any) -> "PipelineConfig":
+    def replace(self, **changes: Any) -> PipelineConfig:
         """A copy with ``changes``; unknown keys raise ValueError."""
         valid = [f.name for f in dataclasses.fields(PipelineConfig)]
         bad = [k for k in changes if k not in valid]
@@ -225,7 +227,7 @@ class PipelineConfig:
                              "prune and finetune, e.g. prune.target_flops, finetune.num_epochs)")
         return dataclasses.replace(self, **changes)
 
-    def override(self, assignments: Iterable[str]) -> "PipelineConfig":
+    def override(self, assignments: Iterable[str]) -> PipelineConfig:
         """A copy with ``key=value`` strings applied; values are JSON (else plain strings).
 
         Dotted keys reach into the sub-configs and into dicts:
@@ -243,7 +245,7 @@ class PipelineConfig:
             config = config._set(key.strip(), _parse_value(text))
         return config
 
-    def _set(self, key: str, value: Any) -> "PipelineConfig":
+    def _set(self, key: str, value: Any) -> PipelineConfig:
         head, _, rest = key.partition(".")
         if not rest:
             return self.replace(**{head: value})
@@ -283,7 +285,7 @@ class PipelineConfig:
 
     # -- checks ----------------------------------------------------------------------------
 
-    def validate(self) -> "PipelineConfig":
+    def validate(self) -> PipelineConfig:
         """Raise ValueError naming the key, the value and what is valid, for the first bad field."""
         if self.train is None and self.checkpoint is None:
             raise ValueError("config.train=None and config.checkpoint=None: give a baseline, either train (a "
@@ -388,8 +390,8 @@ def smoke_config(config: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
         if size != train.image_size:
             notes.append(f"image_size {train.image_size} -> {size}")
         notes.append(f"widths divided by {SMOKE_WIDTH_DIVISOR}, clipped to [{SMOKE_MIN_WIDTH}, {SMOKE_MAX_WIDTH}]")
-        train = train.replace(widths=shrink_widths(widths, maximum=SMOKE_MAX_WIDTH), image_size=size, smoke=True, progress=False,
-                              num_steps=SMOKE_STEPS, data_parallel=False)
+        train = train.replace(widths=shrink_widths(widths, maximum=SMOKE_MAX_WIDTH), image_size=size, smoke=True,
+                              progress=False, num_steps=SMOKE_STEPS, data_parallel=False)
     if config.checkpoint is not None and config.train is not None:
         notes.append("checkpoint not read: a shrunk baseline is trained from `train`")
     ft = config.finetune.replace(smoke=True, progress=False, image_size=train.image_size if train.model else None,
@@ -668,7 +670,8 @@ def _markdown(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
         f"| baseline | {counting.human(o['params_before'])} | {counting.human(o['flops_before'])} | "
         f"{_fmt_pct(o['baseline_accuracy'])} |",
-        f"| pruned, before BN re-estimation | {counting.human(o['params_after'])} | {counting.human(o['flops_after'])} | "
+        f"| pruned, before BN re-estimation | {counting.human(o['params_after'])} | "
+        f"{counting.human(o['flops_after'])} | "
         f"{_fmt_pct(o['accuracy_after_pruning_before_bn'])} |",
         f"| pruned, BN re-estimated | {counting.human(o['params_after'])} | {counting.human(o['flops_after'])} | "
         f"{_fmt_pct(o['accuracy_after_pruning'])} |",

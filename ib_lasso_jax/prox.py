@@ -37,7 +37,8 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +149,8 @@ def nonneg(prox: Callable) -> Callable:
         return prox(jax.tree.map(lambda u: jnp.maximum(u, 0.0), x), hyperparams, scaling)
 
     prox_nonneg.__name__ = f"nonneg_{getattr(prox, '__name__', 'prox')}"
-    prox_nonneg.__doc__ = f"{getattr(prox, '__name__', 'prox')} with the constraint x >= 0 (see ib_lasso_jax.prox.nonneg)."
+    prox_nonneg.__doc__ = (f"{getattr(prox, '__name__', 'prox')} with the constraint x >= 0 "
+                           "(see ib_lasso_jax.prox.nonneg).")
     return prox_nonneg
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -112,8 +113,10 @@ def available_methods() -> list[str]:
 def _load_builtin_methods():
     import importlib
 
-    from ib_lasso_jax.methods import baselines  # noqa: F401  (registers on import)
-    from ib_lasso_jax.methods import ib_lasso  # noqa: F401
+    from ib_lasso_jax.methods import (
+        baselines,  # noqa: F401  (registers on import)
+        ib_lasso,  # noqa: F401
+    )
 
     for optional in ("dwgl", "entropic", "ic_shapley"):  # the other seed methods, as they land
         try:
@@ -254,7 +257,7 @@ def search_knob(measure: Callable[[float], float], target: float, lo: float, hi:
     f = (lambda k: measure(math.exp(k))) if log else measure
     a, b = (math.log(lo), math.log(hi)) if log else (lo, hi)
     best = None
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the iteration count is returned after the loop)
         mid = 0.5 * (a + b)
         val = f(mid)
         if best is None or abs(val - target) < abs(best[1] - target):
@@ -487,4 +490,5 @@ def _check_scores(scores, groups, method):
             raise ValueError(f"method {method!r} gave no scores for group {n!r}")
         s = np.asarray(scores[n])
         if s.shape != (g.size,) or not np.isfinite(s).all():
-            raise ValueError(f"method {method!r}: scores for group {n!r} must be {g.size} finite numbers; got {s.shape}")
+            raise ValueError(f"method {method!r}: scores for group {n!r} must be {g.size} finite numbers; "
+                             f"got {s.shape}")

@@ -34,7 +34,8 @@ arXiv 2408.16772 (Shapley values rank the channels of a layer).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -262,7 +262,8 @@ def _solve(cfg: _Config, structure, init, Q, P, hyperparams, lip_q):
             return smooth_value_grad(B, Q @ B)[0]
 
         def prox_fn(V, hp, s):
-            return _prox_step(cfg, structure, V, hp, s, None if cfg.penalty != "graph" else jnp.zeros(V.shape[:-1] + (structure.n_edges,), dtype))[0]
+            dual = None if cfg.penalty != "graph" else jnp.zeros(V.shape[:-1] + (structure.n_edges,), dtype)
+            return _prox_step(cfg, structure, V, hp, s, dual)[0]
 
         B, it, err = _jaxopt.proximal_gradient_run(
             fun, prox_fn, init, hyperparams, stepsize=step, maxiter=cfg.maxiter, tol=cfg.tol,
@@ -322,8 +323,9 @@ class StructuredLasso:
     ``B_{k+1} = prox_{Omega/L}(Y_k - (Q Y_k - P + grad f_mu(Y_k)) / L)``. Stops when the
     relative change of the minimised objective falls to ``tol`` (``criterion="objective"``)
     or the relative gradient mapping ``L max|Y_k - B_{k+1}| / max|P|`` does
-    (``criterion="residual"``), or after ``maxiter`` iterations. ``run`` is pure and jit-/vmap-safe: ``jax.vmap(solver.run, (None, None, None,
-    0))(None, Q, P, lams)`` solves a whole grid of penalties in one compiled call.
+    (``criterion="residual"``), or after ``maxiter`` iterations. ``run`` is pure and
+    jit-/vmap-safe: ``jax.vmap(solver.run, (None, None, None, 0))(None, Q, P, lams)`` solves a
+    whole grid of penalties in one compiled call.
 
     Attributes:
         penalty: one of :data:`PENALTIES` (see the module docstring for hyperparams).
@@ -338,10 +340,11 @@ class StructuredLasso:
         tol: tolerance on the stopping quantity (see ``criterion``), or on jaxopt's
             fixed-point residual (backend ``"jaxopt"``). Default for ``"objective"``:
             ``1e-10`` in float64 and ``1e-6`` in float32 (objective round-off); for
-            ``"residual"``: ``1e-8`` and ``3e-4`` (on a 256-channel layer: 1.7e-6 relative suboptimality over a 64-lambda path, against 4e-5 for cold solves under the objective rule). The objective-change rule stops when
-            progress per step is small, which for FISTA leaves a suboptimality of a few times
-            the last change -- and much more when ``L`` is large (small ``mu``): lower ``tol``
-            there.
+            ``"residual"``: ``1e-8`` and ``3e-4`` (on a 256-channel layer: 1.7e-6 relative
+            suboptimality over a 64-lambda path, against 4e-5 for cold solves under the
+            objective rule). The objective-change rule stops when progress per step is small,
+            which for FISTA leaves a suboptimality of a few times the last change -- and much
+            more when ``L`` is large (small ``mu``): lower ``tol`` there.
         acceleration: FISTA momentum.
         criterion: ``"objective"`` (relative objective change; cold starts) or
             ``"residual"`` (relative gradient mapping: zero exactly at a minimiser, so it
@@ -412,7 +415,8 @@ class StructuredLasso:
         two = self.penalty not in ("lasso", "group")
         if two and not (isinstance(hyperparams, (tuple, list)) and len(hyperparams) == 2):
             names = {"sparse_group": "(lam_l1, lam_group)", "tree": "(lam_l1, lam_tree)", "graph": "(lam_l1, gamma)"}
-            raise ValueError(f"hyperparams for penalty={self.penalty!r} must be a pair {names[self.penalty]}; got {hyperparams!r}")
+            raise ValueError(f"hyperparams for penalty={self.penalty!r} must be a pair {names[self.penalty]}; "
+                             f"got {hyperparams!r}")
         leaves = jax.tree.leaves(hyperparams)
         if not two and len(leaves) != 1:
             raise ValueError(f"hyperparams for penalty={self.penalty!r} must be one value lam; got {hyperparams!r}")
@@ -423,7 +427,8 @@ class StructuredLasso:
                     raise ValueError(f"hyperparams must be finite and >= 0; got {hyperparams!r}")
         return tuple(hyperparams) if two else hyperparams
 
-    def run(self, init: jax.Array | None, Q: jax.Array, P: jax.Array, hyperparams: Any, *, lipschitz: jax.Array | None = None) -> tuple[jax.Array, SolverState]:
+    def run(self, init: jax.Array | None, Q: jax.Array, P: jax.Array, hyperparams: Any, *,
+            lipschitz: jax.Array | None = None) -> tuple[jax.Array, SolverState]:
         """Solve for ``B``.
 
         Args:
@@ -457,7 +462,8 @@ class StructuredLasso:
                 f"{P.shape} (for one class use P[:, None])"
             )
         if self.structure is not None and self.penalty in ("tree", "graph") and self.structure.n_classes != P.shape[1]:
-            raise ValueError(f"P has {P.shape[1]} classes but the {self.penalty} structure has {self.structure.n_classes}")
+            raise ValueError(f"P has {P.shape[1]} classes but the {self.penalty} structure has "
+                             f"{self.structure.n_classes}")
         dtype = jnp.result_type(Q.dtype, P.dtype, float)
         Q, P = Q.astype(dtype), P.astype(dtype)
         for name, a in (("Q", Q), ("P", P)):

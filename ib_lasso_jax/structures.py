@@ -101,7 +101,8 @@ class ClassGraph:
 
     def edges(self) -> list[tuple[int, int, float]]:
         """The edge list ``[(m, l, r_ml), ...]`` as Python numbers."""
-        return [(int(m), int(l), float(r)) for m, l, r in zip(np.asarray(self.source), np.asarray(self.target), np.asarray(self.weight))]
+        return [(int(src), int(dst), float(r))
+                for src, dst, r in zip(np.asarray(self.source), np.asarray(self.target), np.asarray(self.weight))]
 
 
 @jax.tree_util.register_dataclass
@@ -198,7 +199,8 @@ def class_graph_from_edges(source, target, weight, n_classes: int) -> ClassGraph
     dst = np.asarray(target, dtype=np.int32).reshape(-1)
     w = np.asarray(weight, dtype=np.float64).reshape(-1)
     if not (src.shape == dst.shape == w.shape):
-        raise ValueError(f"source, target and weight must have the same length; got {src.shape}, {dst.shape}, {w.shape}")
+        raise ValueError(f"source, target and weight must have the same length; got {src.shape}, {dst.shape}, "
+                         f"{w.shape}")
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1; got {n_classes}")
     bad = (src < 0) | (src >= n_classes) | (dst < 0) | (dst >= n_classes) | (src == dst)
@@ -249,10 +251,10 @@ def class_graph(profiles, rho: float = 0.6, keep_negative: bool = False) -> Clas
     if not (0.0 <= float(rho) < 1.0):
         raise ValueError(f"rho must be in [0, 1); got {rho!r}")
     r = class_correlation(profiles)
-    m, l = np.triu_indices(r.shape[0], k=1)
-    rv = r[m, l]
+    rows, cols = np.triu_indices(r.shape[0], k=1)
+    rv = r[rows, cols]
     keep = (np.abs(rv) > rho) if keep_negative else (rv > rho)
-    return class_graph_from_edges(m[keep], l[keep], rv[keep], r.shape[0])
+    return class_graph_from_edges(rows[keep], cols[keep], rv[keep], r.shape[0])
 
 
 def _kim_xing_weights(parents: np.ndarray, heights: np.ndarray) -> np.ndarray:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -105,7 +106,7 @@ def width_map(model: nnx.Module, graph: coupling.ChannelGraph | None = None) -> 
     graph = graph or coupling.trace_channels(model)
     shapes, tags = _tag_shapes(spec)
     out = {}
-    for name, (kernel, axis) in _producer_axes(graph).items():
+    for kernel, axis in _producer_axes(graph).values():
         size = shapes[kernel][axis]
         space = graph.space_of(kernel, axis)
         if size not in tags:

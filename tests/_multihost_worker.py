@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 # Two CPU devices per process, and the test suite's compile-time flags (conftest.FAST_COMPILE_FLAGS).
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from ib_lasso_jax import checkpoint
 from ib_lasso_jax.cli import main
 from ib_lasso_jax.models import create

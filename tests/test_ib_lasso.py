@@ -58,7 +58,8 @@ def test_structure_weight_zero_is_per_class_lasso():
         solve_grid(StructuredLasso("lasso", nonneg=True, maxiter=3000), Q, P[:, c:c + 1], lams, 0.0)[0][:, :, 0]
         for c in range(3)], axis=-1)
     tree = StructuredLasso("tree", structure=structures.class_tree(profiles), nonneg=True, maxiter=3000)
-    graph = StructuredLasso("graph", structure=structures.class_graph(profiles, rho=0.0, keep_negative=True), nonneg=True, maxiter=3000)
+    graph = StructuredLasso("graph", structure=structures.class_graph(profiles, rho=0.0, keep_negative=True),
+                            nonneg=True, maxiter=3000)
     for solver in (tree, graph):
         B, _ = solve_grid(solver, Q, P, lams, 0.0)
         np.testing.assert_allclose(np.asarray(B), np.asarray(per_class), atol=1e-3)  # float32 solver tolerance

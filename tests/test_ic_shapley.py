@@ -9,8 +9,17 @@ import pytest
 
 from conftest import randomise_batchnorm
 from ib_lasso_jax import coupling, surgery
-from ib_lasso_jax.methods.ic_shapley import (dispersion, feature_map_ranks, fuse, information_concentration, keep_counts,
-                                             loss_game, pooled_entropy, prune_ratios, reconstruction_games)
+from ib_lasso_jax.methods.ic_shapley import (
+    dispersion,
+    feature_map_ranks,
+    fuse,
+    information_concentration,
+    keep_counts,
+    loss_game,
+    pooled_entropy,
+    prune_ratios,
+    reconstruction_games,
+)
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
 from ib_lasso_jax.shapley import exact_shapley, permutation_shapley

@@ -58,7 +58,7 @@ def ref_gram(F, L, kernel, normalize):
     K = ref_channel_kernels(F, kernel, normalize)
     C = K.shape[0]
     L = np.asarray(L, np.float64)
-    Q = np.array([[np.sum(K[k] * K[l]) for l in range(C)] for k in range(C)])
+    Q = np.array([[np.sum(K[k] * K[j]) for j in range(C)] for k in range(C)])
     P = np.array([[np.sum(K[k] * L[c]) for c in range(L.shape[0])] for k in range(C)])
     return Q, P
 
@@ -331,7 +331,7 @@ def test_jit_and_vmap_safe():
     F = features(10, n=16, c=5, d=4).astype(np.float32)
     L = kk.one_vs_rest_responses(np.arange(16) % 2, 2)
     Q, P = kk.gram_statistics(F, L)
-    Qj, Pj = jax.jit(lambda f, l: kk.gram_statistics(f, l))(F, L)
+    Qj, Pj = jax.jit(lambda f, lab: kk.gram_statistics(f, lab))(F, L)
     np.testing.assert_allclose(Qj, Q, rtol=1e-5, atol=1e-6)
     Fs = np.stack([F, 2 * F[::-1]])
     Qv, Pv = jax.vmap(lambda f: kk.gram_statistics(f, L))(Fs)

@@ -90,5 +90,6 @@ def test_vgg16_graph_sees_every_conv_and_captures_match_lax():
     ref = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(g.jaxpr.jaxpr.replace(outvars=outs), g.jaxpr.consts))(*leaves, x)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    fast = jax.make_jaxpr(lambda l, x: eval_jaxpr(g.jaxpr.jaxpr.replace(outvars=outs), g.jaxpr.consts, *l, x))(leaves, x)
+    program = g.jaxpr.jaxpr.replace(outvars=outs)
+    fast = jax.make_jaxpr(lambda ls, x: eval_jaxpr(program, g.jaxpr.consts, *ls, x))(leaves, x)
     assert _conv_count(fast.jaxpr) < 13

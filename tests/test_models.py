@@ -70,7 +70,7 @@ def abstract(name, num_classes=None, input_shape=None, widths=None, **options):
     return models.abstract_from_spec(spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_shapes(name, input_shape=None) -> dict[str, tuple[int, ...]]:
     return param_shapes(abstract(name, input_shape=input_shape))
 
@@ -195,7 +195,8 @@ def test_reduced_width_shapes_follow_spec():
 
 @pytest.mark.parametrize(
     "name,options",
-    [("resnet56", {}), ("resnet20", {"shortcut": "B"}), ("vgg13", {}), ("googlenet", {}), ("resnet50", {"zero_init_residual": True})],
+    [("resnet56", {}), ("resnet20", {"shortcut": "B"}), ("vgg13", {}), ("googlenet", {}),
+     ("resnet50", {"zero_init_residual": True})],
 )
 def test_spec_json_round_trip(name, options):
     w = map_ints(default_widths(name), lambda v: max(1, (3 * v) // 4))

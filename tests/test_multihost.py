@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from conftest import FAST_COMPILE_FLAGS
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import FAST_COMPILE_FLAGS
 from nbclient import NotebookClient
+
+from conftest import FAST_COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

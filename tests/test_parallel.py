@@ -6,10 +6,8 @@ import optax
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import parallel
-from ib_lasso_jax import training
+from ib_lasso_jax import parallel, training
 from ib_lasso_jax.data import load_dataset
-
 
 
 class ConvBNNet(nnx.Module):

@@ -163,7 +163,8 @@ def test_graph_prox_nonneg_composition_fails_with_negative_edges():
 def test_graph_without_edges_is_lasso():
     g = S.class_graph_from_edges([], [], [], C)
     v, _, s = data(0)
-    np.testing.assert_allclose(PX.prox_graph_fused_lasso(jnp.asarray(v), (g, 0.3, 0.8), s), PX.prox_lasso(jnp.asarray(v), 0.3, s))
+    np.testing.assert_allclose(PX.prox_graph_fused_lasso(jnp.asarray(v), (g, 0.3, 0.8), s),
+                               PX.prox_lasso(jnp.asarray(v), 0.3, s))
 
 
 @pytest.mark.parametrize("mu", [1.0, 0.1, 0.01])
@@ -207,11 +208,11 @@ def test_jit_and_vmap():
         eager = op(x, hp(0.5), s)
         np.testing.assert_allclose(jax.jit(op)(x, hp(0.5), s), eager, atol=1e-12, err_msg=op.__name__)
         # over inputs: a stack of matrices
-        vm = jax.vmap(lambda b: op(b, hp(0.5), s))(batch)
+        vm = jax.vmap(lambda b, op=op, hp=hp: op(b, hp(0.5), s))(batch)
         np.testing.assert_allclose(vm[1], op(batch[1], hp(0.5), s), atol=1e-9, err_msg=op.__name__)
     for op, hp in cases[-2:]:
         # over hyperparameters (a lambda grid), and a single row as a (classes,) vector
-        vm = jax.vmap(lambda lam: op(x, hp(lam), s))(lams)
+        vm = jax.vmap(lambda lam, op=op, hp=hp: op(x, hp(lam), s))(lams)
         np.testing.assert_allclose(vm[2], op(x, hp(1.0), s), atol=1e-9, err_msg=op.__name__)
         np.testing.assert_allclose(op(x[1], hp(0.5), s), op(x, hp(0.5), s)[1], atol=1e-9, err_msg=op.__name__)
 

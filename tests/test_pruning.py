@@ -5,10 +5,10 @@ import pytest
 
 from conftest import randomise_batchnorm
 from ib_lasso_jax import counting
+from ib_lasso_jax.coupling import trace_channels
 from ib_lasso_jax.methods.baselines import l1_norm_scores
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import MethodContext, available_methods, masks_from_scores, prune, search_knob
-from ib_lasso_jax.coupling import trace_channels
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_one_compiled_shape_per_estimate():
     for n, perms, batch, want in ((4, 1, 8, {(8, 4)}), (8, 1, 8, {(8, 8)}), (8, 3, 16, {(16, 8)}), (1, 2, 8, {(2, 1)})):
         shapes = []
 
-        def game(masks, n=n):
+        def game(masks, n=n, shapes=shapes):
             shapes.append(tuple(masks.shape))
             return masks @ jnp.asarray(w[:n])
 

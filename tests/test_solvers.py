@@ -40,16 +40,19 @@ def cvx_objective(pb, penalty, nonneg=False):
 
 def tree_cvx(b, tree, lam_l1, lam_tree):
     terms = [lam_l1 * cp.sum(cp.abs(b))]
-    terms += [lam_tree * w * cp.sum(cp.norm(b[:, g], 2, axis=1)) for g, w in zip(tree.groups(), np.asarray(tree.weights)) if w > 0]
+    terms += [lam_tree * w * cp.sum(cp.norm(b[:, g], 2, axis=1))
+              for g, w in zip(tree.groups(), np.asarray(tree.weights)) if w > 0]
     return sum(terms)
 
 
 CASES = {
     "lasso": (20.0, lambda pb: lambda b: 20.0 * cp.sum(cp.abs(b))),
     "group": (30.0, lambda pb: lambda b: 30.0 * cp.sum(cp.norm(b, 2, axis=1))),
-    "sparse_group": ((10.0, 20.0), lambda pb: lambda b: 10.0 * cp.sum(cp.abs(b)) + 20.0 * cp.sum(cp.norm(b, 2, axis=1))),
+    "sparse_group": ((10.0, 20.0),
+                     lambda pb: lambda b: 10.0 * cp.sum(cp.abs(b)) + 20.0 * cp.sum(cp.norm(b, 2, axis=1))),
     "tree": ((10.0, 20.0), lambda pb: lambda b: tree_cvx(b, pb["tree"], 10.0, 20.0)),
-    "graph": ((10.0, 5.0), lambda pb: lambda b: 10.0 * cp.sum(cp.abs(b)) + 5.0 * cp.sum(cp.abs(b @ np.asarray(pb["graph"].incidence()).T))),
+    "graph": ((10.0, 5.0), lambda pb: lambda b: (10.0 * cp.sum(cp.abs(b))
+                                                 + 5.0 * cp.sum(cp.abs(b @ np.asarray(pb["graph"].incidence()).T)))),
 }
 
 
@@ -92,7 +95,8 @@ def test_jaxopt_backend_agrees(problem, penalty, nonneg):
     hp, _ = CASES[penalty]
     # tight tolerances on both: the objective-change rule certifies F to ~tol, B only to ~sqrt(tol)
     b1, s1 = solver(problem, penalty, nonneg=nonneg, tol=1e-15, maxiter=5000).run(None, problem["Q"], problem["P"], hp)
-    b2, s2 = solver(problem, penalty, nonneg=nonneg, backend="jaxopt", tol=1e-9, maxiter=5000).run(None, problem["Q"], problem["P"], hp)
+    b2, s2 = solver(problem, penalty, nonneg=nonneg, backend="jaxopt", tol=1e-9, maxiter=5000).run(
+        None, problem["Q"], problem["P"], hp)
     assert int(s2.iter_num) < 5000
     np.testing.assert_allclose(b2, b1, atol=1e-6 * float(jnp.abs(b1).max()))
     np.testing.assert_allclose(float(s2.objective), float(s1.objective), rtol=1e-9)
@@ -257,7 +261,8 @@ def test_path_matches_cold_tight_solves(problem, penalty):
     for i, lam in enumerate(lams):
         hp = lam if penalty == "lasso" else (lam, sw * lam)
         _, ref = tight.run(None, q, p, hp)
-        _, cold = solver(problem, penalty, nonneg=penalty == "lasso", maxiter=5000, criterion="residual").run(None, q, p, hp)
+        _, cold = solver(problem, penalty, nonneg=penalty == "lasso", maxiter=5000, criterion="residual").run(
+            None, q, p, hp)
         cold_iters += int(cold.iter_num)
         assert abs(float(states.objective[i]) - float(ref.objective)) <= 1e-6 * abs(float(ref.objective))
         assert float(states.error[i]) <= 1e-8  # the float64 residual tolerance

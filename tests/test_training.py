@@ -12,9 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import checkpoint
-from ib_lasso_jax import models
-from ib_lasso_jax import training
+from ib_lasso_jax import checkpoint, models, training
 from ib_lasso_jax.checkpoint import CheckpointError
 from ib_lasso_jax.data import load_dataset
 from ib_lasso_jax.training import TrainConfig
@@ -266,7 +264,8 @@ def test_experiment_configs_load_and_validate():
         c = configs.load(name).validate()
         shape, classes = models.dataset_shape(c.dataset)
         size = c.image_size or shape[0]
-        nnx.eval_shape(lambda: models.create(c.model, classes, (size, size, shape[2]), c.widths))
+        nnx.eval_shape(lambda c=c, classes=classes, size=size, shape=shape:
+                       models.create(c.model, classes, (size, size, shape[2]), c.widths))
         assert c.replace(smoke=True).resolved().num_steps == 6
     with pytest.raises(ValueError, match="config='nope' is not valid; valid configs"):
         configs.load("nope")
@@ -286,7 +285,8 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "model"), "--dataset", "digits", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["num_examples"] == 360
-    assert main(["train", "--config", "mnist5k_lenet", "--workdir", str(tmp_path / "y"), "--set", "optimizer=lamb"]) == 2
+    assert main(["train", "--config", "mnist5k_lenet", "--workdir", str(tmp_path / "y"),
+                 "--set", "optimizer=lamb"]) == 2
     assert "config.optimizer='lamb'" in capsys.readouterr().err
 
 

@@ -37,6 +37,7 @@ def get_config() -> PipelineConfig:
         paper='Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv 1910.09318',
         paper_row='ResNet-20 CIFAR-10: 52.06% compression, +0.72% error',
         published={"compression": 0.5206, "accuracy_drop": 0.0072},
-        expected_runtime='estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning ~30 min on one H100',
+        expected_runtime=('estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning ~30 min '
+                          'on one H100'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

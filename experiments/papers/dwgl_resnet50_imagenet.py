@@ -15,14 +15,15 @@ epochs; the input pipeline bounds it).
 
 Data preparation (nothing is downloaded by the library)::
 
-    download ILSVRC2012 manually, then tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
+    download ILSVRC2012 manually, then
+    tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
 
 Choices: The 75%/+1.2% row is the same config with --set prune.target_flops=0.75. 5 DWGL epochs
 at lr 1e-3 and 90 finetuning epochs are our choices; DWGL training reads TFDS's default
 data_dir.
 """
 
-from _recipes import imagenet_baseline, finetune_recipe  # noqa: F401
+from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
 
 from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
 
@@ -38,6 +39,7 @@ def get_config() -> PipelineConfig:
         paper='Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv 1910.09318',
         paper_row='ResNet-50 ImageNet: 53% compression, +0.6% error (2.23x speed-up)',
         published={"compression": 0.53, "accuracy_drop": 0.006},
-        expected_runtime='estimate, not measured: days on one H100 (5 DWGL epochs + 90 finetuning epochs; the input pipeline bounds it)',
+        expected_runtime=('estimate, not measured: days on one H100 (5 DWGL epochs + 90 finetuning epochs; '
+                          'the input pipeline bounds it)'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

@@ -40,6 +40,7 @@ def get_config() -> PipelineConfig:
         paper='Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Pruning", arXiv 1910.09318',
         paper_row='ResNet-56 CIFAR-10: 75.34% compression, +0.94% error',
         published={"compression": 0.7534, "accuracy_drop": 0.0094},
-        expected_runtime='estimate, not measured: baseline ~1 h + DWGL training 30 epochs ~15 min + finetuning ~1 h on one H100',
+        expected_runtime=('estimate, not measured: baseline ~1 h + DWGL training 30 epochs ~15 min + finetuning ~1 h '
+                          'on one H100'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

@@ -22,7 +22,7 @@ loss (0.1%). Finetuning 5 epochs at lr 0.005 is our choice (the paper's own reci
 to us).
 """
 
-from _recipes import mnist_baseline, finetune_recipe  # noqa: F401
+from _recipes import finetune_recipe, mnist_baseline  # noqa: F401
 
 from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
 

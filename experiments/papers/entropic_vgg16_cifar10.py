@@ -34,6 +34,7 @@ def get_config() -> PipelineConfig:
         paper='Barisin & Horenko, arXiv 2404.04734 (generalised entropic sparsification)',
         paper_row='VGG-16 CIFAR-10: sparsity 73-89%, accuracy loss 0.1-0.5%',
         published={"params_reduction": 0.73, "accuracy_drop": 0.001},
-        expected_runtime='estimate, not measured: baseline 1.5 h + pruning ~15 min + finetuning 30 epochs ~10 min on one H100',
+        expected_runtime=('estimate, not measured: baseline 1.5 h + pruning ~15 min + finetuning 30 epochs ~10 min '
+                          'on one H100'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

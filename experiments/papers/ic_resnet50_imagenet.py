@@ -15,13 +15,14 @@ pipeline bounds it).
 
 Data preparation (nothing is downloaded by the library)::
 
-    download ILSVRC2012 manually, then tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
+    download ILSVRC2012 manually, then
+    tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
 
 Choices: One image per class (1000) for ranks and entropies; finetuning recipe APIB's ImageNet
 one (ours).
 """
 
-from _recipes import imagenet_baseline, finetune_recipe  # noqa: F401
+from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
 
 from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
 
@@ -35,6 +36,7 @@ def get_config() -> PipelineConfig:
         paper='Chen & Wang, "An Effective Information Theoretic Framework for Channel Pruning", arXiv 2408.16772',
         paper_row='ResNet-50 ImageNet: FLOPs -41.6%, params -35.0%, -0.43% top-1 / -0.11% top-5',
         published={"flops_reduction": 0.416, "params_reduction": 0.35, "accuracy_drop": 0.0043, "top5_drop": 0.0011},
-        expected_runtime='estimate, not measured: days on one H100 (90 finetuning epochs; the input pipeline bounds it)',
+        expected_runtime=('estimate, not measured: days on one H100 (90 finetuning epochs; '
+                          'the input pipeline bounds it)'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

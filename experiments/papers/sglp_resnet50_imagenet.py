@@ -21,7 +21,8 @@ with --set checkpoint=...; the baseline itself is a further ~4-6 days.
 
 Data preparation (nothing is downloaded by the library)::
 
-    download ILSVRC2012 manually, then tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
+    download ILSVRC2012 manually, then
+    tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
 
 Choices: Published: FLOPs -57%, params -55%, 76.12% top-1 (-0.03). One calibration image per
 class (N=1000): class-wise responses are (1000, N, N), 4 GB per layer in float32, which an 80 GB
@@ -30,7 +31,7 @@ choices. torchvision's pretrained weights cannot be imported yet: the baseline i
 or given with --set checkpoint=.
 """
 
-from _recipes import imagenet_baseline, finetune_recipe  # noqa: F401
+from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
 
 from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
 
@@ -44,6 +45,8 @@ def get_config() -> PipelineConfig:
         paper='Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Information", arXiv 2502.09125',
         paper_row='ResNet-50 ImageNet: FLOPs -57%, params -55%, 76.12% top-1 (-0.03)',
         published={"accuracy": 0.7612, "accuracy_drop": 0.0003, "flops_reduction": 0.57, "params_reduction": 0.55},
-        expected_runtime='estimate, not measured: finetuning 90 epochs takes days on one H100 (the numpy/PIL input pipeline on 16 cores, not the GPU, bounds it); start from a trained baseline with --set checkpoint=...; the baseline itself is a further ~4-6 days',
+        expected_runtime=('estimate, not measured: finetuning 90 epochs takes days on one H100 (the numpy/PIL '
+                          'input pipeline on 16 cores, not the GPU, bounds it); start from a trained baseline with '
+                          '--set checkpoint=...; the baseline itself is a further ~4-6 days'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

@@ -41,6 +41,7 @@ def get_config() -> PipelineConfig:
         paper='Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Information", arXiv 2502.09125',
         paper_row='VGG-16 CIFAR-10: FLOPs -61%, params -85%, 94.10% (baseline 93.96%, +0.14)',
         published={"accuracy": 0.9410, "baseline_accuracy": 0.9396, "flops_reduction": 0.61, "params_reduction": 0.85},
-        expected_runtime='estimate, not measured: baseline 1.5 h + pruning ~10 min + finetuning 200 epochs ~1 h on one H100',
+        expected_runtime=('estimate, not measured: baseline 1.5 h + pruning ~10 min + finetuning 200 epochs ~1 h '
+                          'on one H100'),
         notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
     )

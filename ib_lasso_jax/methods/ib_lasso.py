@@ -179,7 +179,7 @@ def layer_lambda_for_count(solver: StructuredLasso, Q, P, count: int, *, structu
         return solver.run(init, Qp, P, (lam, structure_weight * lam) if pair else lam, lipschitz=lip)[0]
     a, b = np.log(lo), np.log(hi)
     best, B = None, jnp.zeros(P.shape, Qp.dtype)
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the iteration count is returned after the loop)
         mid = 0.5 * (a + b)
         B = run(B, float(np.exp(mid)))
         nnz = int(np.sum(np.linalg.norm(np.asarray(B), axis=1) > 0))
@@ -204,8 +204,8 @@ def _select_factory(method: str):
         num_classes = _num_classes(ctx)
         if method != "hsic-lasso":
             _check_classes(labels, num_classes)
-        logits = _logits(ctx.model, ctx.images) if (method != "hsic-lasso" and
-                                                    (opts["profiles"] == "logits" or opts["response"] == "R4")) else None
+        logits = (_logits(ctx.model, ctx.images)
+                  if method != "hsic-lasso" and (opts["profiles"] == "logits" or opts["response"] == "R4") else None)
         problems = {}
         for gf in iter_features(ctx.model, ctx.images, list(ctx.groups), batch_size=opts["batch_size"]):
             problems[gf.group] = layer_problem(gf.features, gf.response, labels, num_classes, method=method,
@@ -224,9 +224,10 @@ def _select_factory(method: str):
             structure = (structures.class_graph(profiles, rho=opts["rho"]) if method == "sglp-ib"
                          else structures.class_tree(profiles, method=opts["linkage"]))
             ctx.info["class_structure"] = (
-                {"edges": [(int(m), int(l), round(float(r), 3)) for m, l, r in structure.edges()]}
-                if method == "sglp-ib" else {"groups": [np.flatnonzero(g).tolist() for g in np.asarray(structure.masks)],
-                                             "weights": np.round(np.asarray(structure.weights), 3).tolist()})
+                {"edges": [(int(i), int(j), round(float(r), 3)) for i, j, r in structure.edges()]}
+                if method == "sglp-ib"
+                else {"groups": [np.flatnonzero(g).tolist() for g in np.asarray(structure.masks)],
+                      "weights": np.round(np.asarray(structure.weights), 3).tolist()})
         solver = _solver(method, opts, structure)
         norms, iters = {}, {}
         for name, (Q, P) in problems.items():

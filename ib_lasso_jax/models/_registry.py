@@ -13,7 +13,8 @@ import dataclasses
 import json
 import math
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,13 +63,13 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         missing = {"name", "num_classes", "input_shape", "widths"} - set(d)
         if missing:
             raise ValueError(f"model spec is missing keys {sorted(missing)}; got keys {sorted(d)}")
         return make_spec(d["name"], d["num_classes"], d["input_shape"], d["widths"], d.get("options", {}))
 
-    def replace_widths(self, widths: Any) -> "ModelSpec":
+    def replace_widths(self, widths: Any) -> ModelSpec:
         return make_spec(self.name, self.num_classes, self.input_shape, widths, self.options)
 
 

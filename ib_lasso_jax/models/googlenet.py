@@ -35,7 +35,6 @@ from ib_lasso_jax.models._layers import conv
 from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-
 INCEPTION_NAMES = ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5")
 # (n1x1, n3x3red, n3x3, n5x5red, n5x5, pool_planes) of the standard model.
 _STANDARD = (

@@ -37,7 +37,8 @@ def _validate(widths: Any) -> tuple[list[int], list[int]]:
     for key in ("conv", "fc"):
         v = widths[key]
         if not isinstance(v, list) or len(v) != 2 or not all(_is_pos_int(x) for x in v):
-            raise ValueError(f"widths[{key!r}] for lenet5 must be a list of 2 positive ints; got {v!r} (valid: {valid})")
+            raise ValueError(f"widths[{key!r}] for lenet5 must be a list of 2 positive ints; got {v!r} "
+                             f"(valid: {valid})")
     return list(widths["conv"]), list(widths["fc"])
 
 
@@ -50,7 +51,8 @@ class LeNet5(nnx.Module):
                 f"input_shape {tuple(input_shape)!r} is too small for lenet5: H and W must be at least "
                 f"{MIN_INPUT_SIZE} (two 2x2 poolings around a valid 5x5 convolution)"
             )
-        self.conv1 = nnx.Conv(cin, c1, (5, 5), padding=((2, 2), (2, 2)), use_bias=True, kernel_init=CONV_INIT, rngs=rngs)
+        self.conv1 = nnx.Conv(cin, c1, (5, 5), padding=((2, 2), (2, 2)), use_bias=True, kernel_init=CONV_INIT,
+                              rngs=rngs)
         self.conv2 = nnx.Conv(c1, c2, (5, 5), padding="VALID", use_bias=True, kernel_init=CONV_INIT, rngs=rngs)
         ho, wo = (h // 2 - 4) // 2, (w // 2 - 4) // 2
         self.fc1 = nnx.Linear(c2 * ho * wo, f1, rngs=rngs)

@@ -35,7 +35,6 @@ from ib_lasso_jax.models._layers import conv as _conv
 from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-
 DEPTHS: dict[str, int] = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
 STAGE_WIDTHS = (16, 32, 64)
 SHORTCUTS = ("A", "B")
@@ -63,9 +62,11 @@ def _validate(name: str, widths: Any) -> tuple[list[int], list[list[int]]]:
         raise ValueError(f"widths for {name} must be {valid}; got {widths!r}")
     stages, blocks = widths["stages"], widths["blocks"]
     if not isinstance(stages, list) or len(stages) != 3 or not all(_is_pos_int(s) for s in stages):
-        raise ValueError(f"widths['stages'] for {name} must be a list of 3 positive ints; got {stages!r} (valid: {valid})")
+        raise ValueError(f"widths['stages'] for {name} must be a list of 3 positive ints; got {stages!r} "
+                         f"(valid: {valid})")
     if not isinstance(blocks, list) or len(blocks) != 3:
-        raise ValueError(f"widths['blocks'] for {name} must be a list of 3 lists (one per stage); got {blocks!r} (valid: {valid})")
+        raise ValueError(f"widths['blocks'] for {name} must be a list of 3 lists (one per stage); got {blocks!r} "
+                         f"(valid: {valid})")
     for i, b in enumerate(blocks):
         if not isinstance(b, list) or len(b) != n or not all(_is_pos_int(x) for x in b):
             raise ValueError(
@@ -76,7 +77,8 @@ def _validate(name: str, widths: Any) -> tuple[list[int], list[list[int]]]:
 
 
 class BasicBlock(nnx.Module):
-    def __init__(self, cin: int, inner: int, cout: int, stride: int, downsample: bool, shortcut: str, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, inner: int, cout: int, stride: int, downsample: bool, shortcut: str, *,
+                 rngs: nnx.Rngs):
         self.conv1 = _conv(cin, inner, 3, stride, rngs=rngs)
         self.bn1 = _bn(inner, rngs=rngs)
         self.conv2 = _conv(inner, cout, 3, 1, rngs=rngs)

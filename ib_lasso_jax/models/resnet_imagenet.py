@@ -41,7 +41,6 @@ from ib_lasso_jax.models._layers import conv as _conv
 from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
 
-
 # name -> (block kind, blocks per stage)
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -81,7 +80,8 @@ def _validate(name: str, widths: Any) -> tuple[int, list[int], list[list[list[in
         raise ValueError(f"widths for {name} must be {valid}; got {widths!r}")
     stages, blocks = widths["stages"], widths["blocks"]
     if not isinstance(stages, list) or len(stages) != 4 or not all(_is_pos_int(s) for s in stages):
-        raise ValueError(f"widths['stages'] for {name} must be a list of 4 positive ints; got {stages!r} (valid: {valid})")
+        raise ValueError(f"widths['stages'] for {name} must be a list of 4 positive ints; got {stages!r} "
+                         f"(valid: {valid})")
     if kind == "basic":
         stem = stages[0]
     else:
@@ -89,7 +89,8 @@ def _validate(name: str, widths: Any) -> tuple[int, list[int], list[list[list[in
         if not _is_pos_int(stem):
             raise ValueError(f"widths['stem'] for {name} must be a positive int; got {stem!r} (valid: {valid})")
     if not isinstance(blocks, list) or len(blocks) != 4:
-        raise ValueError(f"widths['blocks'] for {name} must be a list of 4 lists (one per stage); got {blocks!r} (valid: {valid})")
+        raise ValueError(f"widths['blocks'] for {name} must be a list of 4 lists (one per stage); got {blocks!r} "
+                         f"(valid: {valid})")
     for i, (stage_blocks, n) in enumerate(zip(blocks, counts)):
         if not isinstance(stage_blocks, list) or len(stage_blocks) != n:
             raise ValueError(
@@ -195,6 +196,5 @@ _DESCRIPTIONS = {
     "resnet50": "ImageNet ResNet-50 (torchvision v1.5, stride on the 3x3; bottlenecks [3,4,6,3]; 25.56M params).",
 }
 for _name in ARCHS:
-    register(_name, default_widths=_default_widths_fn(_name), default_dataset="imagenet2012", description=_DESCRIPTIONS[_name])(
-        _make_builder(_name)
-    )
+    register(_name, default_widths=_default_widths_fn(_name), default_dataset="imagenet2012",
+             description=_DESCRIPTIONS[_name])(_make_builder(_name))

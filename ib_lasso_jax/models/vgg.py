@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ib_lasso_jax.models._layers import batch_norm
-from ib_lasso_jax.models._layers import conv
+from ib_lasso_jax.models._layers import batch_norm, conv
 from ib_lasso_jax.models._layers import is_pos_int as _is_pos_int
 from ib_lasso_jax.models._registry import register
-
 
 CFGS: dict[str, list[Any]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -59,18 +57,21 @@ def _validate(name: str, widths: Any) -> tuple[list[Any], int]:
         raise ValueError(f"widths for {name} must be {valid}; got {widths!r}")
     feats = widths["features"]
     if not isinstance(feats, list) or len(feats) != len(cfg):
-        raise ValueError(f"widths['features'] for {name} must be a list of {len(cfg)} entries; got {feats!r} (valid: {valid})")
+        raise ValueError(f"widths['features'] for {name} must be a list of {len(cfg)} entries; got {feats!r} "
+                         f"(valid: {valid})")
     for i, (v, ref) in enumerate(zip(feats, cfg)):
         if ref == "M":
             if v != "M":
-                raise ValueError(f"widths['features'][{i}] for {name} must be 'M' (a max pool); got {v!r} (valid: {valid})")
+                raise ValueError(f"widths['features'][{i}] for {name} must be 'M' (a max pool); got {v!r} "
+                                 f"(valid: {valid})")
         elif not _is_pos_int(v):
             raise ValueError(
                 f"widths['features'][{i}] for {name} must be a positive int (conv width); got {v!r} (valid: {valid})"
             )
     cls = widths["classifier"]
     if not isinstance(cls, list) or len(cls) != 1 or not _is_pos_int(cls[0]):
-        raise ValueError(f"widths['classifier'] for {name} must be a list of one positive int; got {cls!r} (valid: {valid})")
+        raise ValueError(f"widths['classifier'] for {name} must be a list of one positive int; got {cls!r} "
+                         f"(valid: {valid})")
     return list(feats), cls[0]
 
 
