@@ -28,12 +28,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(RUN) experiments/demo.py --out results/demo
 
-# The linter first (seconds), then the tests and the package's docstring examples.
+# The linter first (seconds), then the package's docstring examples (a process of their own:
+# tests/conftest.py gives the tests 4 CPU devices, which an earlier import of the package
+# would pre-empt), then the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check ib_lasso_jax tests experiments
 
 test: lint
-	$(PYTEST) --durations=25 --doctest-modules tests ib_lasso_jax
+	$(RUN) -m pytest -q -p no:cacheprovider --doctest-modules ib_lasso_jax
+	$(PYTEST) --durations=25 tests
 
 # Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode, and
 # nothing else (`make test` runs them too, with everything else).
