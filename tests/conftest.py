@@ -58,6 +58,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=_heavy_seconds, reverse=True)  # stable: the others keep their order
 
 
+def random_masks(graph, policy, rng, p=0.5):
+    """A random keep mask (about ``p`` kept, never empty) for every group prunable under ``policy``."""
+    masks = {}
+    for n, g in graph.prunable(policy).items():
+        m = rng.random(g.size) < p
+        m[rng.integers(g.size)] = True
+        masks[n] = m
+    return masks
+
+
 def randomise_batchnorm(model, seed=0):
     """Give every BatchNorm non-trivial scale, shift and running statistics, in place.
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import randomise_batchnorm
+from conftest import random_masks, randomise_batchnorm
 from ib_lasso_jax import counting, prune, surgery
 from ib_lasso_jax.coupling import trace_channels
 
@@ -43,22 +43,12 @@ def _model(seed=0):
     return model
 
 
-def _masks(graph, policy, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for n, g in graph.prunable(policy).items():
-        m = rng.random(g.size) < 0.5
-        m[rng.integers(g.size)] = True
-        out[n] = m
-    return out
-
-
 @pytest.mark.parametrize("policy", ["inner", "coupled"])
 def test_user_model_surgery_equals_masked_original(policy):
     model = _model()
     graph = trace_channels(model, (16, 16, 1))
     assert set(graph.prunable("inner")) >= {"res1", "left", "right"}
-    masks = _masks(graph, policy, 1)
+    masks = random_masks(graph, policy, np.random.default_rng(1))
     small = surgery.apply_masks(model, masks, policy, graph)
     soft = surgery.zero_channels(model, masks, policy, graph)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import randomise_batchnorm
+from conftest import random_masks, randomise_batchnorm
 from ib_lasso_jax import counting, surgery
 from ib_lasso_jax.coupling import trace_channels
 from ib_lasso_jax.models import available, create, default_widths
@@ -38,15 +38,6 @@ def _model(name, seed=0):
     s = SETUP.get(name, {})
     widths = _scaled(default_widths(name), s["div"]) if "div" in s else None
     return randomise_batchnorm(create(name, input_shape=s.get("input_shape"), widths=widths, rngs=seed), seed)
-
-
-def _random_masks(graph, policy, rng, p=0.5):
-    masks = {}
-    for n, g in graph.prunable(policy).items():
-        m = rng.random(g.size) < p
-        m[rng.integers(g.size)] = True
-        masks[n] = m
-    return masks
 
 
 @nnx.jit
@@ -85,7 +76,7 @@ def test_surgery_equals_masked_original(name, policy):
     model.eval()
     graph = trace_channels(model)
     rng = np.random.default_rng(hash((name, policy)) % 2**32)
-    masks = _random_masks(graph, policy, rng)
+    masks = random_masks(graph, policy, rng)
     small = surgery.apply_masks(model, masks, policy, graph)
     masked = surgery.zero_channels(model, masks, policy, graph)
     small.eval()
