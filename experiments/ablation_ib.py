@@ -44,6 +44,12 @@ VARIANTS = [
     ("nonneg=True", {"nonneg": True}),
     ("structure_weight=0", {"structure_weight": 0.0}),
     ("rho=0", {"rho": 0.0}),
+    ("output_weight=0.3", {"output_weight": 0.3}),
+    ("output_weight=1", {"output_weight": 1.0}),
+    ("output_weight=3", {"output_weight": 3.0}),
+    ("output_weight=10", {"output_weight": 10.0}),
+    ("allocation=layer", {"allocation": "layer"}),
+    ("allocation=uniform", {"allocation": "uniform"}),
 ]
 # One change at a time from the current defaults (Gaussian kernel and nonneg=False since
 # session 4; the session-4 table in docs/sglp-ib.md ran against the Laplacian defaults then).
@@ -80,12 +86,13 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="sglp-ib,stlp-ib")
     p.add_argument("--only", help="comma-separated variant labels to run (default: all)")
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--baseline", help="a trained model checkpoint to prune (default: train one in --out)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     compile_cache.enable()  # compiled programs persist across runs (see ib_lasso_jax.compile_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = baseline(out, args.epochs, args.smoke)
+    model = checkpoint.restore_model(args.baseline) if args.baseline else baseline(out, args.epochs, args.smoke)
     ds = load_dataset("mnist5k", image_size=32)
     base_acc = evaluate(model, ds)["accuracy"]
     targets = [float(x) for x in str(args.target_flops).split(",")]
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
         for target, (label, options) in [(tf, v) for tf in targets for v in variants]:
             if method != "sglp-ib" and "rho" in options:
                 continue  # rho shapes the class graph: sGLP-IB only
-            if method == "hsic-lasso" and set(options) - {"nonneg", "kernel"}:
+            if method == "hsic-lasso" and set(options) - {"nonneg", "kernel", "allocation"}:
                 continue
             accs, secs = [], []
             for seed in range(args.seeds):

@@ -50,6 +50,7 @@ __all__ = [
     "class_graph_from_edges",
     "class_tree",
     "class_tree_from_groups",
+    "with_output_node",
 ]
 
 
@@ -376,3 +377,43 @@ def class_tree_from_groups(groups, weights, n_classes: int) -> ClassTree:
             if inter and parents[i] < 0:
                 parents[i] = j
     return _make_tree(masks, w, np.zeros(len(groups)), parents)
+
+
+def with_output_node(structure: ClassGraph | ClassTree) -> ClassGraph | ClassTree:
+    """The structure over ``1 + classes`` nodes: node 0 is the whole output, classes shift by one.
+
+    Node 0 stands for the response column of the consumer's whole-output kernel (APIB's HSIC
+    lasso response) placed beside the class-wise columns, so that every channel's coefficient
+    row reads "kept for the network, refined per class" [choice, docs/sglp-ib.md]:
+
+    - a :class:`ClassGraph` gains an edge ``(0, c + 1)`` of weight 1 to every class, so the
+      fusion pulls each class's coefficient toward the whole-output one (the strong-fusion
+      limit is one coefficient per channel fitted to all responses together);
+    - a :class:`ClassTree` gains node 0 as a leaf directly under the root, whose group then
+      holds every column; its weight is Kim & Xing's for a leaf under the root,
+      ``s_root = h_root`` (1 for a tree from :func:`class_tree`), and every other node keeps
+      its weight.
+    """
+    if isinstance(structure, ClassGraph):
+        k = structure.n_classes
+        src = np.concatenate([np.zeros(k, np.int32), np.asarray(structure.source) + 1])
+        dst = np.concatenate([np.arange(1, k + 1, dtype=np.int32), np.asarray(structure.target) + 1])
+        w = np.concatenate([np.ones(k), np.asarray(structure.weight, np.float64)])
+        return class_graph_from_edges(src, dst, w, k + 1)
+    if not isinstance(structure, ClassTree):
+        raise TypeError(f"structure must be a ClassGraph or a ClassTree; got {type(structure).__name__}")
+    masks = np.asarray(structure.masks)
+    parents = np.asarray(structure.parents)
+    roots = np.flatnonzero(parents < 0)
+    if roots.size != 1:
+        raise ValueError(f"with_output_node needs a tree with one root; this one has {roots.size}")
+    n = masks.shape[0]
+    new_masks = np.zeros((n + 1, masks.shape[1] + 1), bool)
+    new_masks[0, 0] = True
+    new_masks[1:, 1:] = masks
+    new_masks[1 + roots[0], 0] = True  # the root's group now holds every column
+    new_parents = np.concatenate([[1 + roots[0]], np.where(parents < 0, -1, parents + 1)]).astype(np.int32)
+    heights = np.concatenate([[0.0], np.asarray(structure.heights, np.float64)])
+    # Kim & Xing's weight of a leaf under the root: g_leaf * s_root = h_root (1 for a built tree)
+    weights = np.concatenate([[heights[1 + roots[0]]], np.asarray(structure.weights, np.float64)])
+    return _make_tree(new_masks, weights, heights, new_parents)

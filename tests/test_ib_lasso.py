@@ -149,3 +149,49 @@ def test_grid_path_mode_matches_vmap_mode():
     assert grid_mode_for_devices() == "vmap"  # 4 forced CPU devices here: the sharded grid
     with pytest.raises(ValueError, match="mode must be one of auto, vmap, path; got 'loop'"):
         solve_grid(solver, Q, P, lams, 0.0, mode="loop")
+
+
+@pytest.mark.parametrize("method", ["sglp-ib", "stlp-ib"])
+def test_large_output_weight_is_hsic_lasso(lenet, calib, method):
+    """Column 0 (the whole-output kernel) scaled by w is column 0 solved at lam / w: as w grows the
+    class columns leave the lambda grid and, without the structure term, the masks are HSIC-lasso's."""
+    _, a = prune(lenet, calib, "hsic-lasso", target_flops=0.5, grid=16, maxiter=200)
+    _, b = prune(lenet, calib, method, target_flops=0.5, grid=16, maxiter=200, output_weight=1e6,
+                 structure_weight=0.0)
+    assert a.groups == b.groups
+    assert b.info["lambda_grid"]["output_weight"] == 1e6
+
+
+def test_layer_problem_output_column():
+    rng = np.random.default_rng(5)
+    y = np.arange(20) % 4
+    F = rng.normal(size=(20, 5, 9)).astype(np.float32)
+    G = rng.normal(size=(20, 12)).astype(np.float32)
+    _, P_h = layer_problem(F, G, y, 4, method="hsic-lasso", kernel="gaussian", response="R2")
+    _, P_c = layer_problem(F, G, y, 4, method="sglp-ib", kernel="gaussian", response="R2")
+    _, P = layer_problem(F, G, y, 4, method="sglp-ib", kernel="gaussian", response="R2", output_weight=2.5)
+    assert P.shape == (5, 5)
+    np.testing.assert_allclose(np.asarray(P)[:, :1], 2.5 * np.asarray(P_h), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(P)[:, 1:], np.asarray(P_c), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["hsic-lasso", "sglp-ib"])
+def test_allocations_hit_target(lenet, calib, method):
+    _, glob = prune(lenet, calib, method, target_flops=0.5, grid=16, maxiter=200)
+    _, layer = prune(lenet, calib, method, target_flops=0.5, grid=16, maxiter=200, allocation="layer")
+    _, uni = prune(lenet, calib, method, target_flops=0.5, grid=16, maxiter=200, allocation="uniform")
+    for r in (layer, uni):
+        assert abs(r.flops_reduction - 0.5) <= 0.01  # prune's default tolerance
+    # The uniform allocation removes the same fraction of every group (up to one channel and
+    # the final channel-level refinement), ranked by the same lambda path.
+    fractions = [g["after"] / g["before"] for g in uni.groups.values()]
+    assert max(fractions) - min(fractions) <= 0.2
+    assert 0.0 <= uni.knob <= 1.0
+
+
+def test_bad_allocation_and_output_weight(lenet, calib):
+    with pytest.raises(ValueError, match="allocation must be one of global, layer, uniform; got 'flat'"):
+        prune(lenet, calib, "sglp-ib", target_flops=0.5, allocation="flat")
+    for bad in (-1.0, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="output_weight must be a finite number >= 0"):
+            prune(lenet, calib, "stlp-ib", target_flops=0.5, output_weight=bad)

@@ -141,3 +141,31 @@ def test_bad_profiles_and_edges():
         S.class_tree(np.ones(4))
     with pytest.raises(ValueError, match="edge 0 = \\(1, 1\\) is invalid"):
         S.class_graph_from_edges([1], [1], [0.5], 3)
+
+
+def test_with_output_node_graph_and_tree():
+    rng = np.random.default_rng(7)
+    profiles = rng.normal(size=(6, 4))
+    g = S.class_graph(profiles, rho=0.0, keep_negative=True)
+    h = S.with_output_node(g)
+    assert h.n_classes == 5
+    assert h.edges()[:4] == [(0, c, 1.0) for c in range(1, 5)]
+    np.testing.assert_allclose(np.array(h.edges()[4:]) - [1, 1, 0], np.array(g.edges()), rtol=1e-6)
+    C = np.asarray(h.incidence(), np.float64)
+    assert float(h.sq_norm) == pytest.approx(np.linalg.eigvalsh(C.T @ C)[-1], rel=1e-5)
+
+    t = S.class_tree(profiles)
+    u = S.with_output_node(t)
+    masks, parents = np.asarray(u.masks), np.asarray(u.parents)
+    assert masks.shape == (t.n_nodes + 1, 5)
+    root = int(np.flatnonzero(parents < 0)[0])
+    assert masks[root].all() and parents[0] == root and masks[0].tolist() == [True, False, False, False, False]
+    assert float(u.weights[0]) == pytest.approx(1.0)  # a leaf under the root (h_root = 1)
+    np.testing.assert_allclose(np.asarray(u.weights)[1:], np.asarray(t.weights))
+    # still a valid tree: every group after its descendants, nested or disjoint, same parents
+    v = S.class_tree_from_groups(u.groups(), np.asarray(u.weights), 5)
+    assert sorted(map(tuple, v.groups())) == sorted(map(tuple, u.groups()))
+    for i in range(u.n_nodes):
+        assert all(masks[j][masks[i]].all() for j in range(i + 1, u.n_nodes) if (masks[j] & masks[i]).any())
+    with pytest.raises(TypeError, match="ClassGraph or a ClassTree"):
+        S.with_output_node(profiles)

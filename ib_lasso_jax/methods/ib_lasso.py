@@ -28,9 +28,13 @@ Options (``prune(..., method, **options)``), defaults chosen as documented in
 ``kernel`` ("gaussian": median bandwidth; APIB used "laplacian"), ``response`` ("R2"),
 ``profiles`` ("logits": class-mean logits; "P": the layer's P columns), ``rho`` (0.6),
 ``linkage`` ("average"), ``structure_weight`` (0.7: Omega's weight relative to lam),
-``nonneg`` (False), ``grid`` (48 lambdas), ``lam_range`` (1e-4: smallest lambda relative to
-the largest), ``mu`` (0.1), ``maxiter`` (500), ``batch_size`` (128), ``grid_mode`` ("auto":
-see :func:`solve_grid`).
+``output_weight`` (0: the whole-output kernel's response as column 0 beside the class-wise
+columns, scaled by this weight, tied to every class by the graph or under the tree's root;
+0 leaves it out, and HSIC-lasso is the limit of a large weight), ``allocation`` ("global":
+APIB's one lambda; "layer": one lambda relative to each layer's lambda_max; "uniform": the
+same fraction of every layer, ranked by the lambda path), ``nonneg`` (False), ``grid``
+(48 lambdas), ``lam_range`` (1e-4: smallest lambda relative to the largest), ``mu`` (0.1),
+``maxiter`` (500), ``batch_size`` (128), ``grid_mode`` ("auto": see :func:`solve_grid`).
 """
 
 from __future__ import annotations
@@ -44,17 +48,18 @@ from flax import nnx
 
 from ib_lasso_jax import kernels, structures
 from ib_lasso_jax.features import iter_features, padded_batches
-from ib_lasso_jax.pruning import MethodContext, method_options, register_method
+from ib_lasso_jax.pruning import MethodContext, masks_from_scores, method_options, register_method
 from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
 
-__all__ = ["GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
+__all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
 DEFAULTS = dict(kernel="gaussian", response="R2", profiles="logits", rho=0.6, linkage="average",
-                structure_weight=0.7, nonneg=False, grid=48, lam_range=1e-4, mu=0.1, maxiter=500,
-                batch_size=128, grid_mode="auto")
+                structure_weight=0.7, output_weight=0.0, allocation="global", nonneg=False, grid=48,
+                lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto")
 GRID_MODES = ("auto", "vmap", "path")
+ALLOCATIONS = ("global", "layer", "uniform")
 
 
 def _options(ctx: MethodContext) -> dict:
@@ -65,6 +70,11 @@ def _options(ctx: MethodContext) -> dict:
         raise ValueError(f"profiles must be one of {', '.join(PROFILES)}; got {opts['profiles']!r}")
     if opts["grid_mode"] not in GRID_MODES:
         raise ValueError(f"grid_mode must be one of {', '.join(GRID_MODES)}; got {opts['grid_mode']!r}")
+    if opts["allocation"] not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {opts['allocation']!r}")
+    w = opts["output_weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+        raise ValueError(f"output_weight must be a finite number >= 0; got {w!r}")
     return opts
 
 
@@ -93,17 +103,37 @@ def _logits(model, images, batch_size=256) -> np.ndarray:
                            for x, real in padded_batches(images, batch_size)])
 
 
-def layer_problem(F, G, labels, num_classes, *, method: str, kernel: str, response: str, logits=None):
-    """``(Q, P)`` of one layer for a method (see the module docstring)."""
+def layer_problem(F, G, labels, num_classes, *, method: str, kernel: str, response: str, logits=None,
+                  output_weight: float = 0.0):
+    """``(Q, P)`` of one layer for a method (see the module docstring).
+
+    With ``output_weight = w > 0`` (class-wise methods), the whole-output kernel enters as
+    response column 0, scaled by ``w``, beside the class-wise columns: ``P = [w P_hsic, P_1..P_C]``.
+    Scaling a lasso column's response by ``w`` is solving it at ``lam / w``, so as ``w`` grows
+    column 0 outlives the class columns on the lambda path and the ranking tends to HSIC-lasso's.
+    """
+    def whole_output():
+        return kernels.channel_kernels(G[:, None, :], kernel, normalize=True)  # (1, N, N)
     if method == "hsic-lasso":
-        L = kernels.channel_kernels(G[:, None, :], kernel, normalize=True)  # (1, N, N)
-    elif response == "R1":
-        L = kernels.one_vs_rest_responses(labels, num_classes)
-    elif response == "R2":
-        L = kernels.output_responses(G, labels, num_classes, kernel)
-    else:  # R4
-        L = kernels.logit_responses(logits)
+        L = whole_output()
+    else:
+        if response == "R1":
+            L = kernels.one_vs_rest_responses(labels, num_classes)
+        elif response == "R2":
+            L = kernels.output_responses(G, labels, num_classes, kernel)
+        else:  # R4
+            L = kernels.logit_responses(logits)
+        if output_weight > 0:
+            L = jnp.concatenate([output_weight * whole_output(), L])
     return kernels.gram_statistics(F, L, kernel, normalize=True)
+
+
+def _describe(structure) -> dict:
+    """The class graph's edges or the class tree's groups and weights, as plain numbers."""
+    if isinstance(structure, structures.ClassGraph):
+        return {"edges": [(int(i), int(j), round(float(r), 3)) for i, j, r in structure.edges()]}
+    return {"groups": [np.flatnonzero(g).tolist() for g in np.asarray(structure.masks)],
+            "weights": np.round(np.asarray(structure.weights), 3).tolist()}
 
 
 def _solver(method: str, opts: dict, structure) -> StructuredLasso:
@@ -202,6 +232,7 @@ def _select_factory(method: str):
         t0 = time.perf_counter()
         labels = np.asarray(ctx.labels).astype(np.int64)
         num_classes = _num_classes(ctx)
+        hub = float(opts["output_weight"]) if method != "hsic-lasso" else 0.0  # whole-output column 0
         if method != "hsic-lasso":
             _check_classes(labels, num_classes)
         logits = (_logits(ctx.model, ctx.images)
@@ -209,29 +240,34 @@ def _select_factory(method: str):
         problems = {}
         for gf in iter_features(ctx.model, ctx.images, list(ctx.groups), batch_size=opts["batch_size"]):
             problems[gf.group] = layer_problem(gf.features, gf.response, labels, num_classes, method=method,
-                                               kernel=opts["kernel"], response=opts["response"], logits=logits)
+                                               kernel=opts["kernel"], response=opts["response"], logits=logits,
+                                               output_weight=hub)
         t_stats = time.perf_counter() - t0
 
-        # One lambda grid for all layers (normalised kernels make them comparable).
-        pmax = max(float(np.max(np.abs(np.asarray(P)))) for _, P in problems.values())  # lambda_max of the lasso
-        lams = np.geomspace(pmax * opts["lam_range"], pmax, opts["grid"])
+        # The lambda grid, relative to lambda_max = max |P| (the lasso's smallest all-zero lambda).
+        # "global": one grid for all layers (APIB: normalised kernels make lambdas comparable);
+        # "layer": each layer's grid relative to its own lambda_max; "uniform" ranks on the
+        # global grid and keeps the same fraction of every layer.
+        rel = np.geomspace(opts["lam_range"], 1.0, opts["grid"])
+        pmax = {name: float(np.max(np.abs(np.asarray(P)))) for name, (_, P) in problems.items()}
+        top = max(pmax.values())
+        grids = {name: rel * (pmax[name] if opts["allocation"] == "layer" else top) for name in problems}
+        lams = rel * top
         structure = None
         if method != "hsic-lasso" and num_classes > 1:  # one class: no edges, no tree: plain lasso
             if opts["profiles"] == "logits":
                 profiles = np.stack([logits[labels == c].mean(0) for c in range(num_classes)], axis=1)
-            else:
-                profiles = np.concatenate([np.asarray(P) for _, P in problems.values()], axis=0)
+            else:  # the class-wise columns of every layer's P
+                profiles = np.concatenate([np.asarray(P)[:, 1 if hub else 0:] for _, P in problems.values()], axis=0)
             structure = (structures.class_graph(profiles, rho=opts["rho"]) if method == "sglp-ib"
                          else structures.class_tree(profiles, method=opts["linkage"]))
-            ctx.info["class_structure"] = (
-                {"edges": [(int(i), int(j), round(float(r), 3)) for i, j, r in structure.edges()]}
-                if method == "sglp-ib"
-                else {"groups": [np.flatnonzero(g).tolist() for g in np.asarray(structure.masks)],
-                      "weights": np.round(np.asarray(structure.weights), 3).tolist()})
+            ctx.info["class_structure"] = _describe(structure)  # classes only, before the output node
+            if hub:
+                structure = structures.with_output_node(structure)
         solver = _solver(method, opts, structure)
         norms, iters = {}, {}
         for name, (Q, P) in problems.items():
-            B, it = solve_grid(solver, Q, P, lams, opts["structure_weight"], opts["grid_mode"])
+            B, it = solve_grid(solver, Q, P, grids[name], opts["structure_weight"], opts["grid_mode"])
             norms[name] = np.linalg.norm(np.asarray(B), axis=2)  # (G, C)
             iters[name] = np.asarray(it)
         ctx.info.update(lambdas=lams.tolist(), seconds_statistics=round(t_stats, 2),
@@ -252,7 +288,14 @@ def _select_factory(method: str):
             at = norms[n][np.clip(last, 0, G - 1), np.arange(nz.shape[1])]
             frac = at / (at.max() + 1e-30) * (1 - 1e-6)
             exit_points[n] = np.where(last >= 0, last + frac, -1 + 1e-3 * norms[n][0] / (norms[n][0].max() + 1e-30))
-        ctx.info["lambda_grid"] = {"lambdas": len(lams), "min": float(lams[0]), "max": float(lams[-1])}
+        ctx.info["lambda_grid"] = {"lambdas": len(lams), "min": float(lams[0]), "max": float(lams[-1]),
+                                   "allocation": opts["allocation"], "output_weight": hub}
+        if opts["allocation"] == "uniform":
+            def select(knob: float):  # knob: the fraction of every layer removed (floors kept)
+                return masks_from_scores(exit_points, 1.0 - knob, ctx.floors)
+
+            select.scores_at = lambda knob: exit_points
+            return select, 0.0, 1.0, False
 
         def select(knob: float):
             masks = {}
@@ -266,8 +309,10 @@ def _select_factory(method: str):
             return masks
 
         select.scores_at = lambda knob: exit_points
-        # The knob t sits between grid lambdas floor(t) and floor(t) + 1: report the former.
-        select.knob_value = lambda knob: float(lams[int(np.clip(np.floor(knob), 0, G - 1))])
+        # The knob t sits between grid lambdas floor(t) and floor(t) + 1: report the former
+        # (relative to each layer's lambda_max under the "layer" allocation).
+        scale = lams if opts["allocation"] == "global" else rel
+        select.knob_value = lambda knob: float(scale[int(np.clip(np.floor(knob), 0, G - 1))])
         return select, -1.0, float(G), False
 
     return selector
