@@ -42,7 +42,8 @@ Work directory layout::
         state/                   orbax: params, other model variables (BatchNorm
                                  statistics, RNG state), optimiser state leaves, the
                                  small ones packed into one array per dtype
-        state_layout.json        where each leaf is in state/ (see ib_lasso_jax.checkpoint)
+        state_layout.json        where each leaf is in state/ and its CRC-32, verified on
+                                 resume (see ib_lasso_jax.checkpoint)
       model/                   the final model (checkpoint.save_model), with the final
                                metrics as metadata
 

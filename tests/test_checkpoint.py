@@ -279,7 +279,8 @@ def test_model_state_is_packed(tmp_path):
     assert len(jax.tree.leaves(stored)) == 1
     assert stored["__packed__"]["float32"].shape == (sum(x.size for x in leaves),)
     layout = json.loads((path / checkpoint.LAYOUT_FILE).read_text())
-    assert layout["format"] == "ib_lasso_jax.state_layout" and layout["format_version"] == 1
+    assert layout["format"] == "ib_lasso_jax.state_layout"
+    assert layout["format_version"] == checkpoint.LAYOUT_VERSION == 2
     assert len(layout["leaves"]) == 14
     assert json.loads((path / "spec.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 2
 
