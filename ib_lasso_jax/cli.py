@@ -14,15 +14,36 @@ Subcommands:
 train, finetune, evaluate, prune and run keep compiled XLA programs on disk
 (~/.cache/ib-lasso-jax/xla), so a later command skips most compilation; turn this off
 with --no-compile-cache or IB_LASSO_JAX_COMPILE_CACHE=off (see ib_lasso_jax.compile_cache).
+
+Nothing is lost: train, finetune, run and prune hold a lock on their --workdir/--out
+(DIR/.lock, see ib_lasso_jax.workdir_lock), so a second command there stops at once;
+finetune and prune never write into, over or around their --checkpoint; prune replaces
+none of OUT/model, OUT/report.json, OUT/report.md without --overwrite, and its output
+appears complete (a rerun finishes one interrupted while being moved into place).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
+import shutil
 import sys
+from pathlib import Path
+
+from ib_lasso_jax.workdir_lock import LOCK_FILE, WorkdirLockedError
 
 __all__ = ["main"]
+
+# What `prune --out OUT` writes, and where it stages them: the complete output is written into
+# a temporary sibling of OUT/.prune-pending (checkpoint.atomic_directory), renamed to
+# OUT/.prune-pending once complete, then moved into place; a rerun finishes a pending one.
+PRUNE_OUTPUTS = ("model", "report.json", "report.md")
+PRUNE_PENDING = ".prune-pending"
+# What train and finetune write in their --workdir (see ib_lasso_jax.training).
+_TRAIN_OUTPUTS = ("model", ".model.old", "checkpoints", "config.json", "metrics.jsonl", LOCK_FILE)
 
 
 def _model_from_args(args):
@@ -39,6 +60,65 @@ def _model_from_args(args):
     shape, classes = models.dataset_shape(args.dataset or models.default_dataset(args.model))
     # Shapes only: counting and coupling never need the weights.
     return nnx.eval_shape(lambda: models.create(args.model, classes, shape))
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def _refuse_overlap(args, flag: str, value: str, writes, valid: str) -> None:
+    """ValueError unless every path the command writes is outside --checkpoint and does not hold it."""
+    ckpt = Path(args.checkpoint).expanduser().resolve()  # resolve: a symlink must not hide an overlap
+    for path in writes:
+        real = path.expanduser().resolve()
+        how = ("is" if real == ckpt else "is inside" if _is_within(real, ckpt)
+               else "contains" if _is_within(ckpt, real) else None)
+        if how:
+            raise ValueError(
+                f"{flag} {value!r} would overwrite the input --checkpoint {args.checkpoint!r}: {args.command} writes "
+                f"{str(path)!r}, which {how} the checkpoint ({str(ckpt)!r}); the input checkpoint is never modified: "
+                f"choose {valid}")
+
+
+@contextlib.contextmanager
+def _workdir_lock(args, flag: str, directory: str):
+    """Hold ``directory/.lock`` (workdir_lock.locked) for the block, in process 0 of a multi-host run.
+
+    A directory this call creates is removed again if the command leaves it empty (a refused
+    or failed command leaves no trace).
+    """
+    import jax
+
+    from ib_lasso_jax import workdir_lock
+
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {directory!r} is a file; expected a directory (new or existing)")
+    created = not path.exists()
+
+    def warn(message: str) -> None:
+        print(f"ib-lasso {args.command}: warning: {message}", file=sys.stderr)
+
+    try:
+        if jax.process_index() != 0:  # process 0 holds the lock for all of them
+            yield
+        else:
+            with workdir_lock.locked(path, command=args.command_line, warn=warn, name=f"{flag} {directory!r}"):
+                yield
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _check_train_workdir(args) -> None:
+    workdir = Path(args.workdir)
+    _refuse_overlap(args, "--workdir", args.workdir, [workdir / n for n in _TRAIN_OUTPUTS],
+                    "a --workdir whose model/, checkpoints/, config.json and metrics.jsonl are outside the "
+                    "checkpoint and do not contain it (e.g. a new directory)")
 
 
 def _cmd_count(args) -> int:
@@ -136,20 +216,25 @@ def _cmd_train(args) -> int:
 
     parallel.maybe_initialize_distributed()
     config = _load_config(args)
-    _print_result(training.train_and_evaluate(config, args.workdir), args.json)
+    with _workdir_lock(args, "--workdir", args.workdir):
+        result = training.train_and_evaluate(config, args.workdir)
+    _print_result(result, args.json)
     return 0
 
 
 def _cmd_finetune(args) -> int:
     from ib_lasso_jax import checkpoint, parallel, training
 
+    _check_train_workdir(args)
     parallel.maybe_initialize_distributed()
     config = _load_config(args)
-    model = checkpoint.restore_model(args.checkpoint)
-    shape = tuple(model.spec.input_shape)
-    if config.image_size is None:  # the saved model fixes the input size
-        config = config.replace(image_size=int(shape[0]))
-    _print_result(training.finetune(model, config, args.workdir), args.json)
+    with _workdir_lock(args, "--workdir", args.workdir):
+        model = checkpoint.restore_model(args.checkpoint)
+        shape = tuple(model.spec.input_shape)
+        if config.image_size is None:  # the saved model fixes the input size
+            config = config.replace(image_size=int(shape[0]))
+        result = training.finetune(model, config, args.workdir)
+    _print_result(result, args.json)
     return 0
 
 
@@ -179,17 +264,88 @@ def _parse_option(text: str):
         return key, value
 
 
-def _cmd_prune(args) -> int:
-    from pathlib import Path
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # not every file system syncs directories
+        pass
+    finally:
+        os.close(fd)
 
+
+def _write_file(file: Path, text: str) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish_prune_output(out: Path) -> bool:
+    """Move a complete ``OUT/.prune-pending`` into place (idempotent; True if there was one)."""
+    pending = out / PRUNE_PENDING
+    if not pending.is_dir():
+        return False
+    # The reports first, model/ last; each step is a rename, so a rerun can always finish.
+    for name in ("report.json", "report.md"):
+        if (pending / name).exists():
+            os.replace(pending / name, out / name)
+    model, new = out / "model", pending / "model"
+    if new.is_dir():
+        if model.exists() or model.is_symlink():
+            os.rename(model, pending / "model.replaced")
+        os.rename(new, model)
+    _fsync_dir(out)
+    shutil.rmtree(pending)
+    return True
+
+
+def _check_prune_out(out: Path, args, finished: bool) -> None:
+    """ValueError unless prune may write its outputs in ``out`` (before any work is done)."""
+    from ib_lasso_jax import checkpoint
+
+    existing = [n for n in PRUNE_OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
+    if existing and not args.overwrite:
+        if len(existing) == len(PRUNE_OUTPUTS):
+            how = " (an interrupted prune's, completed now)" if finished else ""
+            raise ValueError(f"--out {args.out!r} already holds a complete prune output{how}: model/, report.json, "
+                             "report.md; pass --overwrite to replace it, or choose another --out")
+        paths = ", ".join(repr(str(out / n)) for n in existing)
+        raise ValueError(f"--out {args.out!r}: prune would overwrite {paths}; pass --overwrite to replace "
+                         f"{'them' if len(existing) > 1 else 'it'}, or choose another --out")
+    model = out / "model"
+    if model.is_symlink() or (model.exists() and not (
+            model.is_dir() and ((model / checkpoint.STATE_DIR).is_dir() or not any(model.iterdir())))):
+        raise ValueError(f"--out {args.out!r}: refusing to replace {str(model)!r} even with --overwrite: it is not "
+                         "a model checkpoint (a directory with state/) or an empty directory; remove it yourself "
+                         "or choose another --out")
+    for name in ("report.json", "report.md"):
+        if (out / name).is_dir():
+            raise ValueError(f"--out {args.out!r}: refusing to replace {str(out / name)!r}: it is a directory; "
+                             "remove it yourself or choose another --out")
+
+
+def _cmd_prune(args) -> int:
+    out = Path(args.out).expanduser()
+    _refuse_overlap(args, "--out", args.out, [out / n for n in (*PRUNE_OUTPUTS, PRUNE_PENDING, LOCK_FILE)],
+                    "an --out whose model/, report.json and report.md are outside the checkpoint and do not "
+                    "contain it (e.g. a new directory)")
+    with _workdir_lock(args, "--out", args.out):
+        report = _prune_into(out, args)
+    print(report.to_markdown())
+    print(f"pruned model saved in {out / 'model'}")
+    return 0
+
+
+def _prune_into(out: Path, args):
     from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import calibration_set, load_dataset
     from ib_lasso_jax.pruning import prune
     from ib_lasso_jax.training import reestimate_batchnorm
 
-    out = Path(args.out)
-    if out.resolve() == Path(args.checkpoint).resolve():
-        raise ValueError("--out must differ from --checkpoint: the input checkpoint is never modified")
+    for stale in out.glob(f".{PRUNE_PENDING}.tmp-*"):  # a killed run's staging (atomic_directory's naming)
+        shutil.rmtree(stale, ignore_errors=True)
+    _check_prune_out(out, args, _publish_prune_output(out))
     model = checkpoint.restore_model(args.checkpoint)  # reads only
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
     images, labels = calibration_set(dataset, args.per_class, seed=args.seed)
@@ -201,13 +357,13 @@ def _cmd_prune(args) -> int:
     if args.reestimate_bn:
         reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)),
                              num_batches=args.reestimate_bn)
-    # Everything is computed before anything is written; the save itself is atomic.
-    checkpoint.save_model(out / "model", small, metadata=report.to_dict(), overwrite=args.overwrite)
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
-    (out / "report.md").write_text(report.to_markdown())
-    print(report.to_markdown())
-    print(f"pruned model saved in {out / 'model'}")
-    return 0
+    # Everything is computed before anything is written; the output appears complete or not at all.
+    with checkpoint.atomic_directory(out / PRUNE_PENDING) as tmp:
+        checkpoint.save_model(tmp / "model", small, metadata=report.to_dict())
+        _write_file(tmp / "report.json", json.dumps(report.to_dict(), indent=1, default=str))
+        _write_file(tmp / "report.md", report.to_markdown())
+    _publish_prune_output(out)
+    return report
 
 
 def _load_pipeline_config(name: str):
@@ -231,7 +387,9 @@ def _cmd_run(args) -> int:
         config = config.replace(smoke=True)
     if args.no_progress:
         config = config.replace(progress=False)
-    result = pipeline.run(config, args.workdir)
+    pipeline.check_workdir(config, args.workdir)  # before the lock creates the workdir
+    with _workdir_lock(args, "--workdir", args.workdir):
+        result = pipeline.run(config, args.workdir)
     if args.json:
         print(json.dumps(result.report["ours"]))
     return 0
@@ -339,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-estimate BatchNorm statistics on this many training batches (0: keep)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. response=R1")
     p.add_argument("--out", required=True, help="output directory: model/, report.json, report.md")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/model, OUT/report.json and OUT/report.md (without it, prune "
+                        "refuses to start if any of them exists)")
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("run", help="the whole pipeline of a paper config (train/load, prune, finetune, report)")
@@ -362,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["ib-lasso", *map(str, argv)])  # names the holder in a workdir lock
     if args.command in _COMPILING:
         if args.no_compile_cache:
             import jax
@@ -374,7 +536,7 @@ def main(argv=None) -> int:
             compile_cache.enable(args.compile_cache)
     try:
         return args.func(args)
-    except ValueError as e:  # user errors: one clear line, no traceback
+    except (ValueError, WorkdirLockedError) as e:  # user errors: one clear line, no traceback
         print(f"ib-lasso {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ib-lasso count ... | head`

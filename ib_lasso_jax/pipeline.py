@@ -55,6 +55,7 @@ __all__ = [
     "SMOKE_IMAGE_SIZE",
     "SMOKE_METHOD_OPTIONS",
     "SMOKE_STEPS",
+    "check_workdir",
     "run",
     "shrink_widths",
     "smoke_config",
@@ -439,6 +440,16 @@ def _is_within(a: Path, b: Path) -> bool:
         return False
 
 
+def check_workdir(config: PipelineConfig, workdir: str | os.PathLike) -> None:
+    """Raise ValueError if ``workdir`` and ``config.checkpoint`` overlap (the input is never written)."""
+    if config.checkpoint is not None:
+        ckpt = Path(config.checkpoint).expanduser().resolve()
+        wd = Path(workdir).expanduser().resolve()
+        if _is_within(wd, ckpt) or _is_within(ckpt, wd):
+            raise ValueError(f"workdir={str(workdir)!r} and config.checkpoint={config.checkpoint!r} overlap; the "
+                             "input checkpoint is never written: use a workdir outside it (and not containing it)")
+
+
 def _load_baseline_checkpoint(path: str):
     from ib_lasso_jax import checkpoint
 
@@ -488,12 +499,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
             train=None if config.train is None else config.train.replace(data_dir=config.data_dir),
             finetune=config.finetune.replace(data_dir=config.data_dir))
     workdir = Path(workdir)
-    if config.checkpoint is not None:
-        ckpt = Path(config.checkpoint).expanduser().resolve()
-        wd = workdir.expanduser().resolve()
-        if _is_within(wd, ckpt) or _is_within(ckpt, wd):
-            raise ValueError(f"workdir={str(workdir)!r} and config.checkpoint={config.checkpoint!r} overlap; the "
-                             "input checkpoint is never written: use a workdir outside it (and not containing it)")
+    check_workdir(config, workdir)
     times: dict[str, float] = {}
     progress = config.progress
     steps = 5

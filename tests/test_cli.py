@@ -1,6 +1,9 @@
-"""The ib-lasso command line: count, groups, prune."""
+"""The ib-lasso command line: count, groups, prune; what its writing commands never lose."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from ib_lasso_jax import checkpoint
 from ib_lasso_jax.cli import main
@@ -44,3 +47,204 @@ def test_prune_cli_leaves_input_untouched(tmp_path, capsys):
     assert main(["prune", "--checkpoint", str(src), "--method", "l1-norm", "--target-flops", "1.5",
                  "--dataset", "mnist5k", "--per-class", "2", "--out", str(tmp_path / "x")]) == 2
     assert "target_flops" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost: the input checkpoint is never modified, existing files are never replaced
+# without --overwrite, an interrupted prune leaves nothing half-written, one writer per workdir.
+
+TINY_LENET = {"conv": [4, 8], "fc": [16, 16]}
+# The smallest training run: 6 steps of a tiny LeNet on 16x16 digits.
+SMOKE_SETS = ["dataset=digits", "image_size=16", "smoke=true", "data_parallel=false", "prefetch=0"]
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: nothing catches it."""
+
+
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def _prune_argv(src, out, *extra):
+    return ["prune", "--checkpoint", str(src), "--method", "l1-norm", "--target-flops", "0.5",
+            "--dataset", "mnist5k", "--per-class", "2", "--reestimate-bn", "0", "--out", str(out), *extra]
+
+
+def _snapshot(directory):
+    """Every file under ``directory`` with its bytes: equal snapshots mean nothing was modified."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _lenet(tmp_path, name="model"):
+    src = tmp_path / name
+    checkpoint.save_model(src, create("lenet5", rngs=0))
+    return src
+
+
+def _tiny_lenet(path):
+    checkpoint.save_model(path, create("lenet5", 10, (16, 16, 1), TINY_LENET, rngs=0))
+    return path
+
+
+def test_prune_refuses_an_out_that_would_overwrite_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    run = tmp_path / "run"
+    src = _lenet(run)
+    before = _snapshot(run)
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    (tmp_path / "link").symlink_to(run)
+    nested = _lenet(tmp_path / "o" / "model", "base")  # OUT/model would contain the checkpoint
+    for ckpt, out in [(src, run), (src, tmp_path / "link"), (src, src / "sub"), (src, src), (nested, tmp_path / "o")]:
+        assert main(_prune_argv(ckpt, out, "--overwrite")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--out" in err and "--checkpoint" in err and str(ckpt) in err, err
+        assert "never modified" in err
+    assert _snapshot(run) == before
+    assert not (src / "sub").exists() and not (tmp_path / "o" / "report.md").exists()
+
+
+def test_finetune_refuses_a_workdir_that_would_overwrite_the_checkpoint(tmp_path, capsys):
+    work = tmp_path / "w"
+    src = _tiny_lenet(work / "model")
+    before = _snapshot(work)
+    for workdir in (work, src, src / "inner"):
+        argv = ["finetune", "--config", "mnist5k_lenet", "--checkpoint", str(src), "--workdir", str(workdir),
+                "--no-progress", *_sets(SMOKE_SETS)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--workdir" in err and "--checkpoint" in err and str(src) in err, err
+    assert _snapshot(work) == before
+    assert sorted(p.name for p in work.iterdir()) == ["model"]
+
+
+def test_prune_never_replaces_existing_files_without_overwrite(tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    src = _lenet(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes\n")
+    real_prune = ib_lasso_jax.pruning.prune
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert main(_prune_argv(src, out)) == 2  # refused before any work
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "report.md" in err and "--overwrite" in err, err
+    assert (out / "report.md").read_text() == "my own notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", real_prune)
+    (out / "report.md").unlink()
+    assert main(_prune_argv(src, out)) == 0
+    first = (out / "report.json").read_text()
+    capsys.readouterr()
+    assert main(_prune_argv(src, out, "--target-flops", "0.3")) == 2  # a complete output is there
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and "overwrite=True" not in err and "complete" in err, err
+    assert (out / "report.json").read_text() == first
+    assert main(_prune_argv(src, out, "--target-flops", "0.3", "--overwrite")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["flops_reduction"] - 0.3) <= 0.005
+    assert checkpoint.load_metadata(out / "model")["flops_reduction"] == report["flops_reduction"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
+
+
+def test_interrupted_prune_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from ib_lasso_jax.pruning import PruneReport
+
+    src = _lenet(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+    real = PruneReport.to_markdown
+
+    def killed_after_the_model(self):  # the old code had saved model/ and report.json by now
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+        return real(self)
+
+    monkeypatch.setattr(PruneReport, "to_markdown", killed_after_the_model)
+    with pytest.raises(Killed):
+        main(_prune_argv(src, out))
+    assert not out.exists() or not any(out.iterdir())  # it was made by the killed run: nothing is left
+    assert main(_prune_argv(src, out)) == 0  # the rerun proceeds, without --overwrite
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
+    checkpoint.restore_model(out / "model")
+
+
+def test_prune_interrupted_while_publishing_is_finished_by_the_rerun(tmp_path, capsys, monkeypatch):
+    import os
+
+    from ib_lasso_jax import cli
+
+    src = _lenet(tmp_path)
+    out = tmp_path / "out"
+    real = os.rename
+
+    def rename(a, b, *args, **kwargs):  # killed after the reports are in place, before model/
+        if Path(a).name == "model" and Path(a).parent.name == cli.PRUNE_PENDING:
+            raise Killed
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Killed):
+        main(_prune_argv(src, out))
+    monkeypatch.setattr(os, "rename", real)
+    assert (out / "report.json").exists() and not (out / "model").exists()
+    assert main(_prune_argv(src, out)) == 2
+    err = capsys.readouterr().err
+    assert "complete" in err and "interrupted" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
+    assert checkpoint.load_metadata(out / "model") == json.loads((out / "report.json").read_text())
+
+
+def _command(name, tmp_path, workdir):
+    if name == "train":
+        return ["train", "--config", "mnist5k_lenet", "--workdir", str(workdir), "--no-progress",
+                *_sets(SMOKE_SETS + [f"widths={json.dumps(TINY_LENET)}"])]
+    if name == "finetune":
+        src = _tiny_lenet(tmp_path / "input")
+        return ["finetune", "--config", "mnist5k_lenet", "--checkpoint", str(src), "--workdir", str(workdir),
+                "--no-progress", *_sets(SMOKE_SETS)]
+    if name == "run":
+        return ["run", "mnist5k_vgg_sglp", "--workdir", str(workdir), "--smoke", "--no-progress"]
+    return _prune_argv(_lenet(tmp_path), workdir)
+
+
+@pytest.mark.parametrize("name", ["prune", "train", "finetune", "run"])
+def test_a_workdir_locked_by_a_live_process_is_refused(name, tmp_path, capsys):
+    import os
+    import socket
+
+    work = tmp_path / "work"
+    work.mkdir()
+    lock = work / ".lock"
+    holder = {"pid": os.getpid(), "hostname": socket.gethostname(), "command": "ib-lasso train --workdir work"}
+    lock.write_text(json.dumps(holder))
+    assert main(_command(name, tmp_path, work)) == 2
+    err = capsys.readouterr().err
+    flag = "--out" if name == "prune" else "--workdir"
+    assert err.count("\n") == 1 and f"pid {os.getpid()}" in err and str(lock) in err, err
+    assert f"{flag} {str(work)!r} is in use" in err, err
+    assert json.loads(lock.read_text()) == holder  # still the holder's
+    assert sorted(p.name for p in work.iterdir()) == [".lock"]
+
+
+def test_a_stale_lock_is_taken_over_and_every_lock_released(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    src = _lenet(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": gone.pid, "hostname": socket.gethostname(), "command": "x"}))
+    assert main(_prune_argv(src, out)) == 0
+    err = capsys.readouterr().err
+    assert "stale lock" in err and f"pid {gone.pid}" in err, err
+    assert not (out / ".lock").exists()
+    assert main(_prune_argv(src, tmp_path / "bad", "--target-flops", "1.5")) == 2  # released on errors too
+    assert not (tmp_path / "bad").exists()
