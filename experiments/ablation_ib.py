@@ -50,6 +50,15 @@ VARIANTS = [
     ("output_weight=10", {"output_weight": 10.0}),
     ("allocation=layer", {"allocation": "layer"}),
     ("allocation=uniform", {"allocation": "uniform"}),
+    ("output_weight=3+structure_weight=0", {"output_weight": 3.0, "structure_weight": 0.0}),
+    ("output_weight=3+allocation=layer", {"output_weight": 3.0, "allocation": "layer"}),
+    ("output_weight=3+allocation=uniform", {"output_weight": 3.0, "allocation": "uniform"}),
+    ("output_weight=3+rho=0", {"output_weight": 3.0, "rho": 0.0}),
+    ("graph_method=exact", {"graph_method": "exact"}),
+    ("output_weight=1+graph_method=exact", {"output_weight": 1.0, "graph_method": "exact"}),
+    ("output_weight=3+graph_method=exact", {"output_weight": 3.0, "graph_method": "exact"}),
+    ("output_weight=10+graph_method=exact", {"output_weight": 10.0, "graph_method": "exact"}),
+    ("output_weight=3+graph_method=exact+rho=0", {"output_weight": 3.0, "graph_method": "exact", "rho": 0.0}),
 ]
 # One change at a time from the current defaults (Gaussian kernel and nonneg=False since
 # session 4; the session-4 table in docs/sglp-ib.md ran against the Laplacian defaults then).
@@ -105,8 +114,8 @@ def main(argv=None) -> int:
         elif args.smoke:
             variants = variants[:2]
         for target, (label, options) in [(tf, v) for tf in targets for v in variants]:
-            if method != "sglp-ib" and "rho" in options:
-                continue  # rho shapes the class graph: sGLP-IB only
+            if method != "sglp-ib" and ("rho" in options or "graph_method" in options):
+                continue  # the class graph: sGLP-IB only
             if method == "hsic-lasso" and set(options) - {"nonneg", "kernel", "allocation"}:
                 continue
             accs, secs = [], []

@@ -28,13 +28,17 @@ Options (``prune(..., method, **options)``), defaults chosen as documented in
 ``kernel`` ("gaussian": median bandwidth; APIB used "laplacian"), ``response`` ("R2"),
 ``profiles`` ("logits": class-mean logits; "P": the layer's P columns), ``rho`` (0.6),
 ``linkage`` ("average"), ``structure_weight`` (0.7: Omega's weight relative to lam),
-``output_weight`` (0: the whole-output kernel's response as column 0 beside the class-wise
+``output_weight`` (3: the whole-output kernel's response as column 0 beside the class-wise
 columns, scaled by this weight, tied to every class by the graph or under the tree's root;
-0 leaves it out, and HSIC-lasso is the limit of a large weight), ``allocation`` ("global":
+0 leaves it out, and HSIC-lasso is the limit of a large weight), ``graph_method`` ("exact":
+the fusion's exact prox; "smooth": Chen et al.'s smoothing, the author's solver, which stops
+early once ``gamma lam ||C||^2 / mu`` dwarfs Q's Lipschitz constant), ``allocation`` ("global":
 APIB's one lambda; "layer": one lambda relative to each layer's lambda_max; "uniform": the
 same fraction of every layer, ranked by the lambda path), ``nonneg`` (False), ``grid``
 (48 lambdas), ``lam_range`` (1e-4: smallest lambda relative to the largest), ``mu`` (0.1),
-``maxiter`` (500), ``batch_size`` (128), ``grid_mode`` ("auto": see :func:`solve_grid`).
+``maxiter`` (500), ``batch_size`` (128), ``grid_mode`` ("auto": see :func:`solve_grid`),
+``inspect`` (None; a group's name: its coefficient path B, lambdas, exit points and structure
+in ``report.info["inspect"]``, as ``experiments/linkage.py`` plots).
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ __all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
 DEFAULTS = dict(kernel="gaussian", response="R2", profiles="logits", rho=0.6, linkage="average",
-                structure_weight=0.7, output_weight=0.0, allocation="global", nonneg=False, grid=48,
-                lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto")
+                structure_weight=0.7, output_weight=3.0, allocation="global", graph_method="exact", nonneg=False, grid=48,
+                lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto", inspect=None)
 GRID_MODES = ("auto", "vmap", "path")
 ALLOCATIONS = ("global", "layer", "uniform")
 
@@ -72,6 +76,9 @@ def _options(ctx: MethodContext) -> dict:
         raise ValueError(f"grid_mode must be one of {', '.join(GRID_MODES)}; got {opts['grid_mode']!r}")
     if opts["allocation"] not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {opts['allocation']!r}")
+    if opts["inspect"] is not None and opts["inspect"] not in ctx.groups:
+        raise ValueError(f"inspect must name a prunable channel group ({', '.join(ctx.groups)}); "
+                         f"got {opts['inspect']!r}")
     w = opts["output_weight"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
         raise ValueError(f"output_weight must be a finite number >= 0; got {w!r}")
@@ -141,7 +148,7 @@ def _solver(method: str, opts: dict, structure) -> StructuredLasso:
         return StructuredLasso(penalty="lasso", nonneg=opts["nonneg"], maxiter=opts["maxiter"])
     if method == "sglp-ib":
         return StructuredLasso(penalty="graph", structure=structure, nonneg=opts["nonneg"],
-                               graph_method="smooth", mu=opts["mu"], maxiter=opts["maxiter"])
+                               graph_method=opts["graph_method"], mu=opts["mu"], maxiter=opts["maxiter"])
     return StructuredLasso(penalty="tree", structure=structure, nonneg=opts["nonneg"], maxiter=opts["maxiter"])
 
 
@@ -265,9 +272,11 @@ def _select_factory(method: str):
             if hub:
                 structure = structures.with_output_node(structure)
         solver = _solver(method, opts, structure)
-        norms, iters = {}, {}
+        norms, iters, paths = {}, {}, {}
         for name, (Q, P) in problems.items():
             B, it = solve_grid(solver, Q, P, grids[name], opts["structure_weight"], opts["grid_mode"])
+            if name == opts["inspect"]:
+                paths[name] = B
             norms[name] = np.linalg.norm(np.asarray(B), axis=2)  # (G, C)
             iters[name] = np.asarray(it)
         ctx.info.update(lambdas=lams.tolist(), seconds_statistics=round(t_stats, 2),
@@ -290,6 +299,14 @@ def _select_factory(method: str):
             exit_points[n] = np.where(last >= 0, last + frac, -1 + 1e-3 * norms[n][0] / (norms[n][0].max() + 1e-30))
         ctx.info["lambda_grid"] = {"lambdas": len(lams), "min": float(lams[0]), "max": float(lams[-1]),
                                    "allocation": opts["allocation"], "output_weight": hub}
+        if opts["inspect"] is not None:  # one layer's whole path, for plots (the paper's "linkage matrix")
+            n = opts["inspect"]
+            ctx.info["inspect"] = {
+                "group": n, "lambdas": grids[n].tolist(), "B": np.asarray(paths[n]).tolist(),
+                "exit_points": exit_points[n].tolist(),
+                "columns": ["output"] if method == "hsic-lasso"
+                else (["output"] if hub else []) + [str(c) for c in range(num_classes)],
+                "structure": _describe(structure) if structure is not None else None}
         if opts["allocation"] == "uniform":
             def select(knob: float):  # knob: the fraction of every layer removed (floors kept)
                 return masks_from_scores(exit_points, 1.0 - knob, ctx.floors)
