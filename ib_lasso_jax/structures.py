@@ -386,9 +386,12 @@ def with_output_node(structure: ClassGraph | ClassTree) -> ClassGraph | ClassTre
     lasso response) placed beside the class-wise columns, so that every channel's coefficient
     row reads "kept for the network, refined per class" [choice, docs/sglp-ib.md]:
 
-    - a :class:`ClassGraph` gains an edge ``(0, c + 1)`` of weight 1 to every class, so the
-      fusion pulls each class's coefficient toward the whole-output one (the strong-fusion
-      limit is one coefficient per channel fitted to all responses together);
+    - a :class:`ClassGraph` gains an edge ``(0, c + 1)`` of weight ``1 / classes`` to every
+      class, so the fusion pulls each class's coefficient toward the whole-output one (the
+      strong-fusion limit is one coefficient per channel fitted to all responses together);
+      the hub's edges together weigh as much as one edge of weight 1, since at weight 1 each
+      they multiplied the whole-output coefficient's penalty by ``1 + gamma * classes`` and
+      starved the layers whose class columns disagree with it (docs/sglp-ib.md);
     - a :class:`ClassTree` gains node 0 as a leaf directly under the root, whose group then
       holds every column; its weight is Kim & Xing's for a leaf under the root,
       ``s_root = h_root`` (1 for a tree from :func:`class_tree`), and every other node keeps
@@ -398,7 +401,7 @@ def with_output_node(structure: ClassGraph | ClassTree) -> ClassGraph | ClassTre
         k = structure.n_classes
         src = np.concatenate([np.zeros(k, np.int32), np.asarray(structure.source) + 1])
         dst = np.concatenate([np.arange(1, k + 1, dtype=np.int32), np.asarray(structure.target) + 1])
-        w = np.concatenate([np.ones(k), np.asarray(structure.weight, np.float64)])
+        w = np.concatenate([np.full(k, 1.0 / k), np.asarray(structure.weight, np.float64)])
         return class_graph_from_edges(src, dst, w, k + 1)
     if not isinstance(structure, ClassTree):
         raise TypeError(f"structure must be a ClassGraph or a ClassTree; got {type(structure).__name__}")

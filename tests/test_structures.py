@@ -149,7 +149,7 @@ def test_with_output_node_graph_and_tree():
     g = S.class_graph(profiles, rho=0.0, keep_negative=True)
     h = S.with_output_node(g)
     assert h.n_classes == 5
-    assert h.edges()[:4] == [(0, c, 1.0) for c in range(1, 5)]
+    assert h.edges()[:4] == [(0, c, 0.25) for c in range(1, 5)]
     np.testing.assert_allclose(np.array(h.edges()[4:]) - [1, 1, 0], np.array(g.edges()), rtol=1e-6)
     C = np.asarray(h.incidence(), np.float64)
     assert float(h.sq_norm) == pytest.approx(np.linalg.eigvalsh(C.T @ C)[-1], rel=1e-5)
