@@ -60,8 +60,9 @@ __all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
 DEFAULTS = dict(kernel="gaussian", response="R2", profiles="logits", rho=0.6, linkage="average",
-                structure_weight=0.7, output_weight=3.0, allocation="global", graph_method="exact", nonneg=False, grid=48,
-                lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto", inspect=None)
+                structure_weight=0.7, output_weight=3.0, allocation="global", graph_method="exact",
+                nonneg=False, grid=48, lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto",
+                inspect=None)
 GRID_MODES = ("auto", "vmap", "path")
 ALLOCATIONS = ("global", "layer", "uniform")
 
