@@ -70,7 +70,7 @@ def _run(path, tmp_path, monkeypatch):
     return json.loads(text.split("CHECK", 1)[1])
 
 
-# Seconds on 2 busy cores (session 7), for the schedule only (conftest: longest first). The
+# Seconds on 2 busy cores (2026-11-22), for the schedule only (conftest: longest first). The
 # methods comparison trains the quickstart's baseline (same model, data and recipe): left
 # unmarked, it starts after the quickstart and can read those programs from the shared
 # compilation cache (no gain measured: 21-24 s either way).

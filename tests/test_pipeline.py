@@ -229,7 +229,7 @@ def _mock_examples(dataset: str) -> int:
     return {"cifar100": 1000, "imagenet2012": 64}.get(dataset, 200)
 
 
-# Seconds each config's smoke run took in its group on 2 cores (session 8, `make test` with all
+# Seconds each config's smoke run took in its group on 2 cores (2026-11-22, `make test` with all
 # fourteen; a group's later members reuse its baseline); they only order the schedule
 # (conftest: longest first), nothing is asserted on them.
 SMOKE_SECONDS = {"dwgl_resnet50_imagenet": 60, "ic_resnet50_imagenet": 40, "sglp_resnet50_imagenet": 40,

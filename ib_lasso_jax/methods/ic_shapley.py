@@ -222,7 +222,7 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
         (``jax.lax.map``), each an ordinary forward pass. On a 2-core CPU ``"map"`` was 3.3x
         faster (ResNet-20, 16 coalitions of 64 images: 1.8 s against 6.0 s), as XLA:CPU runs
         grouped convolutions slowly. ``"auto"``: ``"map"`` on a CPU, ``"vmap"`` on an
-        accelerator (where grouped convolutions are native; not measured in our sessions).
+        accelerator (where grouped convolutions are native; not measured on this project's machines).
 
     Returns:
       ``values(group, masks)``.
