@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
 import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from ib_lasso_jax.workdir_lock import LOCK_FILE, WorkdirLockedError
@@ -84,6 +87,21 @@ def _refuse_overlap(args, flag: str, value: str, writes, valid: str) -> None:
                 f"choose {valid}")
 
 
+def _check_writable(flag: str, directory: str) -> None:
+    """ValueError unless ``directory`` can be written, or created in its nearest existing ancestor."""
+    path = Path(directory).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{flag} {directory!r} cannot be created: {str(probe)!r} is a file; expected a directory "
+                         "(new or existing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        how = ":" if probe == path else " cannot be created:"
+        raise ValueError(f"{flag} {directory!r}{how} {str(probe)!r} is not writable (permission denied or a read-only "
+                         "file system); choose a directory you can write, or change its permissions")
+
+
 @contextlib.contextmanager
 def _workdir_lock(args, flag: str, directory: str):
     """Hold ``directory/.lock`` (workdir_lock.locked) for the block, in process 0 of a multi-host run.
@@ -98,6 +116,7 @@ def _workdir_lock(args, flag: str, directory: str):
     path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {directory!r} is a file; expected a directory (new or existing)")
+    _check_writable(flag, directory)
     created = not path.exists()
 
     def warn(message: str) -> None:
@@ -325,19 +344,58 @@ def _check_prune_out(out: Path, args, finished: bool) -> None:
                              "remove it yourself or choose another --out")
 
 
+# prune()'s own arguments, each with its flag: not method options.
+_PRUNE_FLAGS = {"target_flops": "--target-flops", "target_params": "--target-params", "policy": "--policy",
+                "floor": "--floor", "seed": "--seed", "round_to": "--round-to", "method": "--method"}
+# prune()'s arguments without a flag, given as --option KEY=VALUE.
+_PRUNE_OPTIONS = ("tolerance", "keep_ratios", "input_shape")
+
+
+def _check_prune_args(args) -> tuple[int | float, dict, dict]:
+    """``(floor, method options, prune()'s other arguments)``; ValueError naming a bad argument,
+    its value and what is valid, before anything is read or written."""
+    from ib_lasso_jax.pruning import available_methods, check_options
+
+    if args.method not in available_methods():
+        raise ValueError(f"--method {args.method!r} is not valid; valid values: {', '.join(available_methods())}")
+    f = args.floor
+    if not math.isfinite(f) or f < 0 or (f >= 1 and f != int(f)):
+        raise ValueError(f"--floor {f:g} is not valid; valid values: a channel count per layer (an integer >= 0, "
+                         "e.g. 2) or a fraction of each layer in [0, 1) (e.g. 0.05)")
+    floor = int(f) if f >= 1 else f
+    for flag, value, least, what in (("--reestimate-bn", args.reestimate_bn, 0, "an integer >= 0 (0: keep)"),
+                                     ("--per-class", args.per_class, 1, "a positive integer"),
+                                     ("--round-to", args.round_to, 1, "a positive integer (e.g. 8)")):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value} is not valid; valid values: {what}")
+    options = dict(_parse_option(o) for o in (args.option or []))
+    for key in options:
+        if key in _PRUNE_FLAGS:
+            raise ValueError(f"--option {key}={options[key]!r}: {key} is not a method option; give it as "
+                             f"{_PRUNE_FLAGS[key]}")
+    extra = {k: options.pop(k) for k in _PRUNE_OPTIONS if k in options}
+    t = extra.get("tolerance")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1):
+        raise ValueError(f"--option tolerance={t!r} is not valid; valid values: the relative tolerance on the "
+                         "target, a number in (0, 1) (default 0.01)")
+    check_options(args.method, options)  # its messages name the option, the value and the method
+    return floor, options, extra
+
+
 def _cmd_prune(args) -> int:
+    checked = _check_prune_args(args)
     out = Path(args.out).expanduser()
     _refuse_overlap(args, "--out", args.out, [out / n for n in (*PRUNE_OUTPUTS, PRUNE_PENDING, LOCK_FILE)],
                     "an --out whose model/, report.json and report.md are outside the checkpoint and do not "
                     "contain it (e.g. a new directory)")
     with _workdir_lock(args, "--out", args.out):
-        report = _prune_into(out, args)
+        report = _prune_into(out, args, *checked)
     print(report.to_markdown())
     print(f"pruned model saved in {out / 'model'}")
     return 0
 
 
-def _prune_into(out: Path, args):
+def _prune_into(out: Path, args, floor, options: dict, extra: dict):
     from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import calibration_set, load_dataset
     from ib_lasso_jax.pruning import prune
@@ -349,11 +407,9 @@ def _prune_into(out: Path, args):
     model = checkpoint.restore_model(args.checkpoint)  # reads only
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
     images, labels = calibration_set(dataset, args.per_class, seed=args.seed)
-    options = dict(_parse_option(o) for o in (args.option or []))
     small, report = prune(model, (images, labels), args.method, target_flops=args.target_flops,
-                          target_params=args.target_params, policy=args.policy,
-                          floor=int(args.floor) if args.floor >= 1 else args.floor,
-                          seed=args.seed, round_to=args.round_to, **options)
+                          target_params=args.target_params, policy=args.policy, floor=floor,
+                          seed=args.seed, round_to=args.round_to, **extra, **options)
     if args.reestimate_bn:
         reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)),
                              num_batches=args.reestimate_bn)
@@ -421,8 +477,26 @@ def _cmd_cache(args) -> int:
 _COMPILING = ("train", "finetune", "evaluate", "prune", "run")
 
 
+@contextlib.contextmanager
+def _library_warnings_as_lines(command: str):
+    """This library's warnings (e.g. training.DamagedCheckpointWarning) as one
+    ``ib-lasso CMD: warning: ...`` line each, like the errors; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if category.__module__.startswith("ib_lasso_jax"):
+                print(f"ib-lasso {command}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
+    from ib_lasso_jax.pruning import available_methods
 
     parser = argparse.ArgumentParser(prog="ib-lasso", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a saved model to a FLOPs or params target")
     p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model); never modified")
-    p.add_argument("--method", required=True, help="sglp-ib, stlp-ib, hsic-lasso, l1-norm, bn-scale, hrank, random")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove, in (0, 1)")
     target.add_argument("--target-params", type=float, help="fraction of params to remove, in (0, 1)")
@@ -489,13 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="TFDS data directory")
     p.add_argument("--per-class", type=int, default=20, help="calibration images per class")
     p.add_argument("--policy", default="inner", choices=["inner", "coupled"])
-    p.add_argument("--floor", type=float, default=0.05, help="per-layer floor: fraction (<1) or channel count")
+    p.add_argument("--floor", type=float, default=0.05,
+                   help="per-layer floor: a fraction of each layer in [0, 1) or a channel count (an integer >= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-to", type=int, metavar="N",
                    help="keep a multiple of N channels per layer (e.g. 8: faster kernels; see docs/latency.md)")
     p.add_argument("--reestimate-bn", type=int, default=16, metavar="BATCHES",
                    help="re-estimate BatchNorm statistics on this many training batches (0: keep)")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. response=R1")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option (JSON value), e.g. response=R1; repeatable; also tolerance=0.01 (the "
+                        "relative tolerance on the target)")
     p.add_argument("--out", required=True, help="output directory: model/, report.json, report.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT/model, OUT/report.json and OUT/report.md (without it, prune "
@@ -535,9 +612,17 @@ def main(argv=None) -> int:
 
             compile_cache.enable(args.compile_cache)
     try:
-        return args.func(args)
+        with _library_warnings_as_lines(args.command):
+            return args.func(args)
     except (ValueError, WorkdirLockedError) as e:  # user errors: one clear line, no traceback
         print(f"ib-lasso {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"ib-lasso {args.command}: error: {e.strerror}{where}; check the permissions of that path (and that "
+              "its file system is not read-only), or choose another", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ib-lasso count ... | head`
         sys.stderr.close()

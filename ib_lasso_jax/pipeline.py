@@ -178,6 +178,13 @@ class PruneConfig:
         if not isinstance(self.options, Mapping):
             raise ValueError(f"config.prune.options={self.options!r} is not valid; valid values: a dict of method "
                              "options")
+        from ib_lasso_jax.pruning import check_options
+
+        try:  # before any training: the method refuses its bad options now, not after the baseline
+            check_options(self.method, self.options)
+        except ValueError as e:
+            raise ValueError(f"config.prune.options={dict(self.options)!r} is not valid for method {self.method!r}: "
+                             f"{e}") from None
         return self
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "MethodContext",
     "PruneReport",
     "available_methods",
+    "check_options",
     "floor_counts",
     "masks_from_scores",
     "method_options",
@@ -73,13 +74,15 @@ class _Method:
     # finalize(ctx, small, masks) -> small: e.g. weight reconstruction after surgery.
     finalize: Callable[[MethodContext, nnx.Module, dict], nnx.Module] | None = None
     default_policy: str | None = None
+    # check_options(ctx) -> options: ValueError naming a bad option; ctx may hold only the options.
+    check_options: Callable[[MethodContext], Any] | None = None
 
 
 _METHODS: dict[str, _Method] = {}
 
 
 def register_method(name: str, *, scores=None, selector=None, needs_data: bool = True, description: str = "",
-                    prepare=None, finalize=None, default_policy: str | None = None):
+                    prepare=None, finalize=None, default_policy: str | None = None, check_options=None):
     """Register a pruning method by a scoring rule or a selection rule (exactly one).
 
     Args:
@@ -97,12 +100,18 @@ def register_method(name: str, *, scores=None, selector=None, needs_data: bool =
       finalize: ``finalize(ctx, small, masks) -> small`` run after surgery (e.g. weight
         reconstruction).
       default_policy: the residual policy used when ``prune`` is called without one.
+      check_options: ``check_options(ctx)`` raises ValueError naming the option, its value and
+        what is valid for a bad ``ctx.options`` (unknown keys included, e.g. with
+        :func:`method_options`). :func:`prune` calls it before any work; :func:`check_options`
+        calls it with a context holding only the options (``model``, ``groups``, ... ``None``),
+        so checks that need the model must skip themselves there.
     """
     if (scores is None) == (selector is None):
         raise ValueError("register_method needs exactly one of scores= or selector=")
     if name in _METHODS:
         raise ValueError(f"pruning method {name!r} is already registered")
-    _METHODS[name] = _Method(name, needs_data, scores, selector, description, prepare, finalize, default_policy)
+    _METHODS[name] = _Method(name, needs_data, scores, selector, description, prepare, finalize, default_policy,
+                             check_options)
 
 
 def available_methods() -> list[str]:
@@ -115,8 +124,13 @@ def _load_builtin_methods():
 
     from ib_lasso_jax.methods import (
         baselines,  # noqa: F401  (registers on import)
-        ib_lasso,  # noqa: F401
+        ib_lasso,
     )
+
+    # ib_lasso registers its methods without the hook; its option check is ib_lasso._options.
+    for name in ("hsic-lasso", "sglp-ib", "stlp-ib"):
+        if name in _METHODS and _METHODS[name].check_options is None:
+            _METHODS[name] = dataclasses.replace(_METHODS[name], check_options=ib_lasso._options)
 
     for optional in ("dwgl", "entropic", "ic_shapley"):  # the other seed methods, as they land
         try:
@@ -183,8 +197,25 @@ def method_options(options: Mapping[str, Any], defaults: Mapping[str, Any], meth
     ``method`` and the valid options."""
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown {noun} {unknown} for {method}; valid options: {', '.join(sorted(defaults))}")
+        valid = ", ".join(sorted(defaults)) or "none (it takes no options)"
+        raise ValueError(f"unknown {noun} {unknown} for {method}; valid options: {valid}")
     return {**defaults, **options}
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError for an unknown ``method`` or options it refuses, before any model or data.
+
+    The message names the option, its value and what is valid. A method registered without a
+    ``check_options`` hook is not checked here (it sees its options in :func:`prune`); checks
+    that need the model (e.g. an option naming a channel group) wait for :func:`prune`.
+    """
+    _load_builtin_methods()
+    if method not in _METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods are: {', '.join(sorted(_METHODS))}")
+    check = _METHODS[method].check_options
+    if check is not None:
+        check(MethodContext(model=None, graph=None, groups=None, images=None, labels=None, policy=None, floors={},
+                            rng=None, options=dict(options)))
 
 
 def floor_counts(groups: Mapping[str, coupling.ChannelGroup], floor: int | float) -> dict[str, int]:
@@ -342,8 +373,8 @@ def prune(
       keep_ratios: explicit keep ratio (one float for every group, or per group name).
       policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``; default: the
         method's own default (``"inner"`` for most).
-      floor: minimum channels kept per group: an int, or a fraction of the group.
-      tolerance: relative tolerance on the target (0.01: within 1%).
+      floor: minimum channels kept per group: an int, or a fraction of the group in [0, 1).
+      tolerance: relative tolerance on the target, in (0, 1) (0.01: within 1%).
       seed: for methods that draw random numbers.
       round_to: keep a multiple of this many channels in every group (or the whole group),
         e.g. 8 or 16 for hardware-friendly widths; the target search works on rounded masks
@@ -367,6 +398,9 @@ def prune(
     for name, value in (("target_flops", target_flops), ("target_params", target_params)):
         if value is not None and not (0.0 < float(value) < 1.0):
             raise ValueError(f"{name} is the fraction to remove and must be in (0, 1); got {value!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 < tolerance < 1.0:
+        raise ValueError(f"tolerance={tolerance!r} is not valid; valid values: the relative tolerance on the target, "
+                         "a number in (0, 1) (0.01: within 1%)")
     spec = _METHODS[method]
     if policy is None:
         policy = spec.default_policy or "inner"
@@ -390,6 +424,8 @@ def prune(
     floors = floor_counts(groups, floor)
     ctx = MethodContext(model, graph, groups, images, labels, policy, floors,
                         np.random.default_rng(seed), dict(options))
+    if spec.check_options is not None:  # before any costly step (prepare may train)
+        spec.check_options(ctx)
     if spec.prepare is not None:  # e.g. sparsity training: prune the model it returns
         model = spec.prepare(ctx)
         ctx.model = model
@@ -418,12 +454,11 @@ def prune(
             masks = round_masks(masks_from_scores(scores, ratios, floors), scores, round_to, floors)
         else:
             target = float(target_flops if target_flops is not None else target_params)
-            most = reduction(round_masks(masks_from_scores(scores, 0.0, floors), scores, round_to, floors))
+            fewest = masks_from_scores(scores, 0.0, floors)
+            most = reduction(round_masks(fewest, scores, round_to, floors))
             if most < target * (1 - tolerance):
-                raise ValueError(
-                    f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): keeping only the "
-                    f"floor removes {most:.3f}; lower the target or the floor"
-                )
+                _unreachable(target, target * (1 - tolerance), most, reduction(fewest), floor, round_to,
+                             "keeping only the floor")
             knob, _, iters = search_knob(
                 lambda r: reduction(round_masks(masks_from_scores(scores, r, floors), scores, round_to, floors)),
                 target, 0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
@@ -447,10 +482,8 @@ def prune(
         target = float(target_flops if target_flops is not None else target_params)
         most = reduction(select(hi))
         if most < target * (1 - tolerance):
-            raise ValueError(
-                f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): the strongest setting "
-                f"removes {most:.3f}; lower the target or the floor"
-            )
+            _unreachable(target, target * (1 - tolerance), most, reduction(select0(hi)), floor, round_to,
+                         "the strongest setting")
         knob, _, iters = search_knob(lambda k: reduction(select(k)), target, lo, hi, tol=tolerance,
                                      increasing=True, log=log, max_iter=30)
         masks = select(knob)
@@ -482,6 +515,17 @@ def prune(
         widths_after=getattr(getattr(small, "spec", None), "widths", None),
     )
     return small, report
+
+
+def _unreachable(target: float, reach: float, most: float, unrounded: float, floor, round_to, how: str):
+    """ValueError blaming what keeps the target out of reach: the rounding if the unrounded masks reach it."""
+    if round_to is not None and int(round_to) > 1 and unrounded >= reach:
+        raise ValueError(
+            f"target {target:.3f} cannot be met with round_to={round_to!r}: {how} and rounding every group up to a "
+            f"multiple of {round_to} channels (or its full width) removes {most:.3f} (unrounded: {unrounded:.3f}); "
+            "valid values: a round_to below the groups' widths (e.g. 8), or a lower target")
+    raise ValueError(f"target {target:.3f} cannot be met under the per-layer floor ({floor!r}): {how} removes "
+                     f"{most:.3f}; lower the target or the floor")
 
 
 def _check_scores(scores, groups, method):

@@ -51,6 +51,10 @@ The last ``keep_checkpoints`` checkpoints and the best one (by eval accuracy) ar
 A run restarted with the same command resumes from the newest checkpoint and ends with
 the same parameters as an uninterrupted run: the batch at ``(epoch, step)`` is a pure
 function of ``(seed, epoch, step)`` and every other piece of state is in the checkpoint.
+A damaged newest checkpoint (unreadable, or an array whose checksum fails) is skipped with a
+:class:`DamagedCheckpointWarning` naming it and the older one resumed from; it is replaced
+when the run reaches its step again. A checkpoint of another model or config is refused
+(CheckpointError), as is a workdir whose checkpoints are all damaged (the error lists them).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,6 +86,7 @@ from ib_lasso_jax.models._registry import available as available_models
 
 __all__ = [
     "CHOICES",
+    "DamagedCheckpointWarning",
     "TrainConfig",
     "TrainResult",
     "create_optimizer",
@@ -263,14 +269,22 @@ class TrainConfig:
                 raise ValueError(f"config.{key}={v!r} is not valid; valid values: a positive integer{extra}")
         for key, lo, hi in (("label_smoothing", 0.0, 1.0), ("momentum", 0.0, 1.0)):
             v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not lo <= v < hi:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < hi:
                 raise ValueError(f"config.{key}={v!r} is not valid; valid values: a number in [{lo}, {hi})")
         for key in ("learning_rate", "weight_decay", "warmup_epochs", "decay_factor", "min_lr_ratio"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"config.{key}={v!r} is not valid; valid values: a number >= 0")
-        if not all(isinstance(m, (int, float)) and m > 0 for m in self.milestones):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"config.{key}={v!r} is not valid; valid values: a finite number >= 0")
+        if self.num_steps is None and self.warmup_epochs > self.num_epochs:  # step-length runs: create_schedule
+            raise ValueError(f"config.warmup_epochs={self.warmup_epochs!r} is not valid: the warm-up is longer than "
+                             f"the run (num_epochs={self.num_epochs}); valid values: a number in "
+                             f"[0, {self.num_epochs}]")
+        if not all(not isinstance(m, bool) and isinstance(m, (int, float)) and math.isfinite(m) and m > 0
+                   for m in self.milestones):
             raise ValueError(f"config.milestones={list(self.milestones)!r} is not valid; valid values: positive epochs")
+        for key in ("nesterov", "data_parallel", "progress", "smoke"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"config.{key}={getattr(self, key)!r} is not valid; valid values: true or false")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"config.seed={self.seed!r} is not valid; valid values: an integer >= 0")
         return self
@@ -341,12 +355,18 @@ def create_schedule(config: TrainConfig, steps_per_epoch: int, total_steps: int)
     """
     lr = float(config.learning_rate)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup > total_steps:
+        raise ValueError(
+            f"config.warmup_epochs={config.warmup_epochs!r} is not valid: the warm-up ({warmup} steps) is longer than "
+            f"the run ({total_steps} steps, {total_steps / steps_per_epoch:.4g} epochs); valid values: a number in "
+            f"[0, {total_steps / steps_per_epoch:.4g}]")
     decay_steps = max(1, total_steps - warmup)
     if config.schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, decay_steps, alpha=config.min_lr_ratio)
     elif config.schedule == "step":
         boundaries = {int(round(m * steps_per_epoch)) - warmup: config.decay_factor for m in config.milestones}
-        main = optax.piecewise_constant_schedule(lr, {b: f for b, f in boundaries.items() if b > 0})
+        # a milestone past the run is never reached (and past 2**31 steps optax's int32 step overflows)
+        main = optax.piecewise_constant_schedule(lr, {b: f for b, f in boundaries.items() if 0 < b <= total_steps})
     elif config.schedule == "constant":
         main = optax.constant_schedule(lr)
     else:
@@ -709,15 +729,28 @@ def _save_checkpoint(directory: Path, step: int, params, rest, opt_state, info: 
     checkpoint.save_pytree(directory / _ckpt_name(step), tree, json_files={TRAIN_STATE_FILE: info}, overwrite=True)
     # Retention: the newest `keep` and the best; older ones are deleted only after the new
     # one is complete, so a crash never leaves fewer good checkpoints than before.
-    ckpts = _list_checkpoints(directory)
+    # Newer ones are damaged checkpoints skipped on resume: neither counted nor deleted here.
+    ckpts = [(s, p) for s, p in _list_checkpoints(directory) if s <= step]
     keep_steps = {s for s, _ in ckpts[-keep:]} | ({best_step} if best_step is not None else set())
     for s, p in ckpts:
         if s not in keep_steps:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class DamagedCheckpointWarning(UserWarning):
+    """A run resumed from an older training checkpoint because the newer ones are damaged."""
+
+
+class _Damaged(Exception):
+    """A checkpoint that cannot be read (as opposed to one written for another run)."""
+
+
 def _restore_checkpoint(path: Path, spec: ModelSpec, config: TrainConfig, params, rest, opt_state):
-    info = _read_train_state(path)
+    """Restore ``path``; CheckpointError if it belongs to another model or config, _Damaged if unreadable."""
+    try:
+        info = _read_train_state(path)
+    except CheckpointError as e:
+        raise _Damaged(str(e)) from e
     saved_spec = info.get("model_spec")
     if saved_spec != spec.to_dict():
         raise CheckpointError(
@@ -734,13 +767,50 @@ def _restore_checkpoint(path: Path, spec: ModelSpec, config: TrainConfig, params
             + "; resume with the same config, or use a new workdir"
         )
     target = jax.eval_shape(lambda: _state_tree(params, rest, opt_state))
-    tree = checkpoint.restore_pytree(path, target)
+    try:
+        tree = checkpoint.restore_pytree(path, target)
+    except CheckpointError as e:
+        raise _Damaged(str(e)) from e
     nnx.replace_by_pure_dict(params, tree["params"])
     if "model_state" in tree:
         nnx.replace_by_pure_dict(rest, tree["model_state"])
     treedef = jax.tree.structure(opt_state)
     opt_state = jax.tree.unflatten(treedef, [tree["opt_state"][k] for k in sorted(tree["opt_state"])])
     return params, rest, opt_state, info
+
+
+def _restore_newest_intact(directory: Path, spec: ModelSpec, config: TrainConfig, params, rest, opt_state):
+    """Restore the newest readable checkpoint under ``directory``, newest first.
+
+    Returns ``(params, rest, opt_state, info, damaged)`` (``info`` None: no checkpoint) with
+    ``damaged`` the steps of the newer, unreadable ones, after a DamagedCheckpointWarning naming
+    them and the one used. A checkpoint of another model or config raises at once (resuming
+    past it would mix two runs); CheckpointError listing every one if none is readable.
+    """
+    ckpts = _list_checkpoints(directory)
+    damaged: list[tuple[int, Path, str]] = []
+    for step, path in reversed(ckpts):
+        try:
+            restored = _restore_checkpoint(path, spec, config, params, rest, opt_state)
+        except _Damaged as e:
+            damaged.append((step, path, str(e)))
+            continue
+        if damaged:
+            listed = "; ".join(f"{str(p)!r}: {why}" for _, p, why in damaged)
+            warnings.warn(
+                f"resuming from {str(path)!r} (step {step}): the newer training checkpoint"
+                f"{'s are' if len(damaged) > 1 else ' is'} damaged and skipped: {listed}; "
+                f"{'they are' if len(damaged) > 1 else 'it is'} replaced as the run passes "
+                f"{'their steps' if len(damaged) > 1 else 'its step'}",
+                DamagedCheckpointWarning, stacklevel=4)
+        return (*restored, [s for s, _, _ in damaged])
+    if damaged:
+        listed = "; ".join(f"{str(p)!r}: {why}" for _, p, why in damaged)
+        raise CheckpointError(
+            f"no intact training checkpoint in {str(directory)!r} to resume from: {len(damaged)} checkpoint(s), "
+            f"all damaged: {listed}; restore them from an intact copy, or remove {str(directory)!r} to train "
+            "from the start")
+    return params, rest, opt_state, None, []
 
 
 # --------------------------------------------------------------------------------------
@@ -880,9 +950,8 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
 
     step, epoch_pos, best = 0, (0, 0), {"accuracy": None, "step": None}
     last_eval: dict | None = None
-    latest = latest_checkpoint(workdir)
-    if latest is not None:
-        params, rest, opt_state, info = _restore_checkpoint(latest, spec, config, params, rest, opt_state)
+    params, rest, opt_state, info, damaged = _restore_newest_intact(ckpt_dir, spec, config, params, rest, opt_state)
+    if info is not None:
         step = int(info["step"])
         epoch_pos = (int(info["data"]["epoch"]), int(info["data"]["step"]))
         best = info.get("best", best)
@@ -898,6 +967,9 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
                                spec.num_classes, mesh, config.eval_max_batches)
 
     def save(step, epoch_pos, eval_metrics):
+        if step in damaged and jax.process_index() == 0:  # skipped on resume: replaced, whatever is left of it
+            for path in (ckpt_dir / _ckpt_name(step), ckpt_dir / f".{_ckpt_name(step)}.old"):
+                shutil.rmtree(path, ignore_errors=True)
         info = {"data": {"epoch": epoch_pos[0], "step": epoch_pos[1], "seed": config.seed},
                 "model_spec": spec.to_dict(), "config": config.to_dict(), "eval": eval_metrics, "best": best}
         _save_checkpoint(ckpt_dir, step, params, rest, opt_state, info, config.keep_checkpoints, best["step"])

@@ -226,3 +226,129 @@ def test_checksum_entries_of_the_layout_are_checked(tmp_path):
     # null: an array the saving process did not hold whole, restored unverified
     _edit_layout(path, lambda leaves: leaves[0].update(crc32=None))
     assert _as_bytes(checkpoint.restore_pytree(path)) == _as_bytes(tree)
+
+
+# --------------------------------------------------------------------------------------
+# Resume falls back past damaged checkpoints
+
+_RESUME = TrainConfig(dataset="digits", image_size=16, model="lenet5", widths=TINY_LENET, batch_size=32,
+                      eval_batch_size=120, num_steps=6, checkpoint_every_steps=2, eval_max_batches=1,
+                      data_parallel=False, progress=False, prefetch=0, keep_checkpoints=3)
+
+
+def _crashed_run(workdir: Path, at: int) -> None:
+    """A run of _RESUME killed after step ``at`` (checkpoints every 2 steps)."""
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        training.train_and_evaluate(_RESUME, workdir, on_step=crash)
+
+
+@pytest.mark.parametrize("damage", ["checksum", "no state"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tmp_path, monkeypatch):
+    import shutil
+
+    full = training.train_and_evaluate(_RESUME, tmp_path / "full")
+    workdir = tmp_path / "run"
+    _crashed_run(workdir, 5)
+    ckpts = workdir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_000000002", "ckpt_000000004"]
+    newest, older = ckpts / "ckpt_000000004", ckpts / "ckpt_000000002"
+    if damage == "checksum":
+        original = _as_bytes(checkpoint.restore_pytree(newest))
+        _damage_a_value(newest, monkeypatch, lambda: _as_bytes(checkpoint.restore_pytree(newest)), original)
+        why = "CRC-32"
+    else:  # what is left is not even replaceable by save_pytree (no state/)
+        shutil.rmtree(newest / "state")
+        why = "is missing"
+
+    with pytest.warns(training.DamagedCheckpointWarning) as record:
+        resumed = training.train_and_evaluate(_RESUME, workdir)
+    (warning,) = [str(w.message) for w in record if w.category is training.DamagedCheckpointWarning]
+    assert f"{str(newest)!r}" in warning and why in warning, warning
+    assert f"resuming from {str(older)!r}" in warning, warning
+    # resumed from step 2: the same trajectory as the uninterrupted run
+    assert resumed.metrics["step"] == 6
+    a, b = _model_bytes(full.model), _model_bytes(resumed.model)
+    assert a == b
+    # the damaged step was saved again, intact; retention kept the newest three
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_000000002", "ckpt_000000004", "ckpt_000000006"]
+    checkpoint.restore_pytree(newest)
+
+
+def test_resume_with_no_intact_checkpoint_lists_them_all(tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    _crashed_run(workdir, 5)
+    ckpts = workdir / "checkpoints"
+    newest, older = ckpts / "ckpt_000000004", ckpts / "ckpt_000000002"
+    original = _as_bytes(checkpoint.restore_pytree(newest))
+    _damage_a_value(newest, monkeypatch, lambda: _as_bytes(checkpoint.restore_pytree(newest)), original)
+    (older / training.TRAIN_STATE_FILE).write_text('{"format": "ib_lasso_jax.tr')  # truncated
+    with pytest.raises(CheckpointError) as info:
+        training.train_and_evaluate(_RESUME, workdir)
+    message = str(info.value)
+    assert "no intact training checkpoint" in message, message
+    assert f"{str(newest)!r}" in message and "CRC-32" in message, message
+    assert f"{str(older)!r}" in message and "corrupted or truncated" in message, message
+    # a config mismatch is not damage: it is refused at once, not skipped
+    checkpoint_dir = tmp_path / "other"
+    _crashed_run(checkpoint_dir, 5)
+    with pytest.raises(CheckpointError, match="written with different settings"):
+        training.train_and_evaluate(_RESUME.replace(learning_rate=0.01), checkpoint_dir)
+
+
+def test_cli_train_warns_and_resumes_past_a_damaged_checkpoint(tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    _crashed_run(workdir, 5)
+    newest, older = workdir / "checkpoints" / "ckpt_000000004", workdir / "checkpoints" / "ckpt_000000002"
+    for f in (newest / "state").rglob("*"):
+        if f.is_file() and f.name != "_CHECKPOINT_METADATA":
+            f.write_bytes(b"\0garbage")
+    argv = ["train", "--workdir", str(workdir), "--no-progress", "--json"]
+    for key, value in _RESUME.to_dict().items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 6
+    lines = [ln for ln in err.splitlines() if ln.startswith("ib-lasso train: warning: ")]
+    assert len(lines) == 1, err
+    assert f"{str(newest)!r}" in lines[0] and f"resuming from {str(older)!r}" in lines[0], lines[0]
+    assert "Traceback" not in err, err
+
+
+def test_a_failed_orbax_read_leaves_no_noise(tmp_path, monkeypatch, caplog):
+    """Damage that fails orbax while its other reads are in flight raises CheckpointError and
+    nothing else: no "Event loop is closed" from those reads, no "exception was never retrieved"."""
+    import gc
+    import sys
+    import time
+
+    # arrays above PACK_MAX_BYTES are stored one by one: many reads in flight at once
+    tree = {f"a{i}": np.full((300, 1024), i, np.float32) for i in range(8)}
+    path = checkpoint.save_pytree(tmp_path / "t", tree)
+    noise = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: noise.append(repr(u.exc_value)))
+    files = [f for f in (path / "state").rglob("*") if f.is_file() and f.name not in _METADATA_FILES]
+    failures = 0
+    with caplog.at_level(logging.WARNING):
+        for f in files:
+            for byte in (3, f.stat().st_size // 2):
+                _flip(f, byte, 4)
+                try:
+                    checkpoint.restore_pytree(path)
+                except CheckpointError:
+                    failures += 1
+                finally:
+                    _flip(f, byte, 4)
+        gc.collect()
+        time.sleep(0.5)  # reads left in flight would complete now
+        gc.collect()
+    assert failures >= 3
+    assert noise == [], noise[:3]
+    assert "never retrieved" not in caplog.text and "Failed to get item metadata" not in caplog.text, caplog.text
+    assert _as_bytes(checkpoint.restore_pytree(path)) == _as_bytes(tree)

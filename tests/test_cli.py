@@ -248,3 +248,207 @@ def test_a_stale_lock_is_taken_over_and_every_lock_released(tmp_path, capsys):
     assert not (out / ".lock").exists()
     assert main(_prune_argv(src, tmp_path / "bad", "--target-flops", "1.5")) == 2  # released on errors too
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing silently wrong: every bad argument is one line naming it, its value and what is
+# valid, before any work; no traceback.
+
+
+def _one_error_line(capsys, command="prune"):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith(f"ib-lasso {command}: error: "), err
+    return err
+
+
+def _read_only(directory: Path, monkeypatch) -> None:
+    """Make ``directory`` read-only; for root, whom permissions do not stop, refuse what the
+    kernel refuses others: creating entries in it and write access to it."""
+    import os
+
+    directory.chmod(0o555)
+    if not os.access(directory, os.W_OK):
+        return
+    real_mkdir, real_open, real_access = os.mkdir, os.open, os.access
+    target = directory.absolute()
+
+    def inside(p):
+        return Path(p).absolute().parent == target
+
+    def mkdir(p, *args, **kwargs):
+        if inside(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_mkdir(p, *args, **kwargs)
+
+    def open_(p, flags, *args, **kwargs):
+        if inside(p) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    def access(p, mode, *args, **kwargs):
+        if Path(p).absolute() == target and mode & os.W_OK:
+            return False
+        return real_access(p, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("name", ["prune", "train"])
+def test_a_read_only_output_or_work_folder_is_one_line(name, tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    src = _lenet(tmp_path)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    _read_only(locked, monkeypatch)
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    try:
+        if name == "prune":  # an existing read-only --out
+            rc = main(_prune_argv(src, locked))
+            flag, where = "--out", locked
+        else:  # a --workdir to be created in a read-only folder
+            rc = main(_command("train", tmp_path, locked / "new"))
+            flag, where = "--workdir", locked / "new"
+        assert rc == 2
+        err = _one_error_line(capsys, name)
+        assert f"{flag} {str(where)!r}" in err and f"{str(locked)!r} is not writable" in err, err
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+def test_a_permission_error_deep_inside_is_one_line(tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.training
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/checkpoints/ckpt_000000003")
+
+    monkeypatch.setattr(ib_lasso_jax.training, "train_and_evaluate", denied)
+    assert main(_command("train", tmp_path, tmp_path / "w")) == 2
+    err = _one_error_line(capsys, "train")
+    assert "'/data/checkpoints/ckpt_000000003'" in err and "Permission denied" in err, err
+
+
+@pytest.mark.parametrize("method, option, named", [
+    ("sglp-ib", "grid=1.5", ["grid=1.5", "an integer >= 2"]),
+    ("stlp-ib", "grid=1", ["grid=1", "an integer >= 2"]),
+    ("sglp-ib", "batch_size=0", ["batch_size=0", "a positive integer"]),
+    ("hsic-lasso", "maxiter=2.5", ["maxiter=2.5", "a positive integer"]),
+    ("sglp-ib", "nonneg=maybe", ["nonneg='maybe'", "true or false"]),
+    ("sglp-ib", "lam_range=2", ["lam_range=2", "(0, 1)"]),
+    ("hsic-lasso", "lam_range=0", ["lam_range=0", "(0, 1)"]),
+    ("stlp-ib", "structure_weight=-1", ["structure_weight=-1", ">= 0"]),
+    ("sglp-ib", "mu=0", ["mu=0", "> 0"]),
+    ("hrank", "batch_size=0", ["batch_size=0", "a positive integer"]),
+    ("hrank", "bogus=1", ["bogus", "hrank", "batch_size"]),
+    ("l1-norm", "bogus=1", ["bogus", "l1-norm", "none"]),
+    ("bn-scale", "response=R1", ["response", "bn-scale"]),
+    ("random", "bogus=1", ["bogus", "random"]),
+    ("l1-norm", "tolerance=-1", ["tolerance=-1", "(0, 1)"]),
+    ("l1-norm", "floor=2", ["--option floor", "--floor"]),
+])
+def test_bad_method_options_are_refused_before_any_work(method, option, named, tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    src = _lenet(tmp_path)
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    argv = _prune_argv(src, tmp_path / "out", "--option", option)
+    argv[argv.index("--method") + 1] = method
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    for text in named:
+        assert text in err, (text, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--floor", "1.5", ["--floor 1.5", "an integer >= 0", "[0, 1)"]),
+    ("--floor", "-1", ["--floor -1", "[0, 1)"]),
+    ("--reestimate-bn", "-3", ["--reestimate-bn -3", "an integer >= 0"]),
+    ("--round-to", "0", ["--round-to 0", "a positive integer"]),
+    ("--per-class", "0", ["--per-class 0", "a positive integer"]),
+])
+def test_bad_prune_arguments_are_refused_before_any_work(flag, value, named, tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    src = _lenet(tmp_path)
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert main(_prune_argv(src, tmp_path / "out", flag, value)) == 2
+    err = _one_error_line(capsys)
+    for text in named:
+        assert text in err, (text, err)
+
+
+def test_an_integral_floor_is_a_channel_count(tmp_path, monkeypatch):
+    import ib_lasso_jax.pruning
+
+    src = _lenet(tmp_path)
+    seen = {}
+
+    def prune(*args, **kwargs):
+        seen.update(kwargs)
+        raise AssertionError
+
+    monkeypatch.setattr(ib_lasso_jax.pruning, "prune", prune)
+    for value, floor in (("2", 2), ("3.0", 3), ("0.25", 0.25), ("0", 0.0)):
+        with pytest.raises(AssertionError):
+            main(_prune_argv(src, tmp_path / "out", "--floor", value))
+        assert seen["floor"] == floor and type(seen["floor"]) is type(floor), (value, seen["floor"])
+
+
+def test_round_to_and_tolerance_errors_name_themselves(tmp_path, capsys):
+    src = _lenet(tmp_path)
+    assert main(_prune_argv(src, tmp_path / "out", "--round-to", "1000")) == 2
+    err = _one_error_line(capsys)
+    assert "round_to=1000" in err and "floor" not in err.split("round_to=1000")[0], err
+    from ib_lasso_jax.pruning import prune
+
+    with pytest.raises(ValueError, match=r"tolerance=-1 is not valid.*\(0, 1\)"):
+        prune(checkpoint.restore_model(src), None, "l1-norm", target_flops=0.5, tolerance=-1)
+
+
+def test_prune_help_lists_every_registered_method(capsys):
+    from ib_lasso_jax.pruning import available_methods
+
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    methods = available_methods()
+    assert {"dwgl", "entropic", "ic-shapley", "sglp-ib", "l1-norm"} <= set(methods)
+    for m in methods:
+        assert m in out, (m, out)
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("nesterov=maybe", "config.nesterov='maybe' is not valid; valid values: true or false"),
+    ("warmup_epochs=1e9", "config.warmup_epochs=1000000000.0 is not valid"),
+    ("learning_rate=1e999", "config.learning_rate=inf is not valid"),
+])
+def test_bad_training_settings_are_one_line(assignment, named, tmp_path, capsys, monkeypatch):
+    argv = ["train", "--config", "mnist5k_lenet", "--workdir", str(tmp_path / "w"), "--no-progress",
+            *_sets(["dataset=digits", "image_size=16", f"widths={json.dumps(TINY_LENET)}", "num_steps=2",
+                    "data_parallel=false", "prefetch=0", assignment])]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "train")
+    assert named in err, err
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("prune.options.mu=0", "mu=0"),
+    ("prune.options.bogus=1", "bogus"),
+    ('prune.options.nonneg="maybe"', "nonneg='maybe'"),
+])
+def test_run_checks_the_prune_options_before_training(assignment, named, tmp_path, capsys, monkeypatch):
+    import ib_lasso_jax.training
+
+    monkeypatch.setattr(ib_lasso_jax.training, "train_and_evaluate",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained before checking")))
+    assert main(["run", "mnist5k_vgg_sglp", "--workdir", str(tmp_path / "w"), "--smoke", "--no-progress",
+                 "--set", assignment]) == 2
+    err = _one_error_line(capsys, "run")
+    assert named in err and "prune.options" in err, err

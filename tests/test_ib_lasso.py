@@ -215,3 +215,27 @@ def test_inspect_returns_one_layers_path(lenet, calib):
     assert all(e[i] <= e[j] + 1 for i in range(12) for j in range(12) if alive[i] < alive[j])
     with pytest.raises(ValueError, match="inspect must name a prunable channel group"):
         prune(lenet, calib, "stlp-ib", target_flops=0.5, inspect="conv9")
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"nonneg": "maybe"}, r"option nonneg='maybe' is not valid.*valid values: true or false"),
+    ({"nonneg": 1}, r"option nonneg=1 is not valid"),
+    ({"lam_range": 2}, r"option lam_range=2 is not valid.*\(0, 1\)"),
+    ({"lam_range": 0.0}, r"option lam_range=0.0 is not valid"),
+    ({"grid": 1.5}, r"option grid=1.5 is not valid.*an integer >= 2"),
+    ({"grid": 1}, r"option grid=1 is not valid"),
+    ({"structure_weight": -0.5}, r"option structure_weight=-0.5 is not valid.*>= 0"),
+    ({"mu": 0}, r"option mu=0 is not valid.*> 0"),
+    ({"maxiter": 0}, r"option maxiter=0 is not valid.*a positive integer"),
+    ({"batch_size": 0}, r"option batch_size=0 is not valid.*a positive integer"),
+    ({"batch_size": 8.0}, r"option batch_size=8.0 is not valid"),
+    ({"inspect": 3}, r"inspect must name a prunable channel group; got 3"),
+])
+@pytest.mark.parametrize("method", ["hsic-lasso", "sglp-ib", "stlp-ib"])
+def test_bad_option_values_are_refused_naming_option_value_and_valid(method, options, pattern):
+    from ib_lasso_jax.pruning import check_options
+
+    with pytest.raises(ValueError, match=pattern):
+        check_options(method, options)
+    check_options(method, {"nonneg": True, "grid": 8, "lam_range": 1e-3, "structure_weight": 0, "mu": 0.5,
+                           "maxiter": 10, "batch_size": 16, "inspect": "conv1"})  # a group name: checked by prune

@@ -117,3 +117,31 @@ def test_round_to_with_a_selector_method(resnet20, calib):
         assert g["after"] % 8 == 0 or g["after"] == g["before"], g
     assert abs(report.flops_reduction - 0.3) <= 0.01 * 0.3
     assert counting.count(small).flops == report.flops_after
+
+
+@pytest.mark.parametrize("method, options, pattern", [
+    ("l1-norm", {"bogus": 1}, r"unknown options \['bogus'\] for method 'l1-norm'; valid options: none"),
+    ("bn-scale", {"response": "R1"}, r"unknown options \['response'\] for method 'bn-scale'"),
+    ("random", {"bogus": 1}, r"unknown options \['bogus'\] for method 'random'"),
+    ("hrank", {"bogus": 1}, r"unknown options \['bogus'\] for method 'hrank'; valid options: batch_size"),
+    ("hrank", {"batch_size": 0}, r"option batch_size=0 is not valid for method 'hrank'; valid values: a positive"),
+    ("magic", {}, r"unknown pruning method 'magic'; valid methods are: .*l1-norm"),
+])
+def test_every_builtin_method_checks_its_options_without_a_model(method, options, pattern):
+    from ib_lasso_jax.pruning import check_options
+
+    with pytest.raises(ValueError, match=pattern):
+        check_options(method, options)
+
+
+def test_baselines_refuse_unknown_options_and_bad_arguments_name_themselves():
+    lenet = create("lenet5", 10, (16, 16, 1), {"conv": [4, 8], "fc": [16, 16]}, rngs=0)
+    with pytest.raises(ValueError, match=r"unknown options \['bogus'\] for method 'l1-norm'"):
+        prune(lenet, None, "l1-norm", target_flops=0.5, bogus=1)
+    for bad in (-1, 0, 1.5, True):
+        with pytest.raises(ValueError, match=rf"tolerance={bad!r} is not valid; valid values: .*\(0, 1\)"):
+            prune(lenet, None, "l1-norm", target_flops=0.5, tolerance=bad)
+    with pytest.raises(ValueError, match=r"cannot be met with round_to=1000: .* \(unrounded: 0\.\d+\)"):
+        prune(lenet, None, "l1-norm", target_flops=0.5, round_to=1000)
+    with pytest.raises(ValueError, match=r"cannot be met under the per-layer floor \(0\.9\)"):
+        prune(lenet, None, "l1-norm", target_flops=0.5, floor=0.9, round_to=4)

@@ -96,20 +96,20 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, digits):
     with pytest.raises(CheckpointError, match="learning_rate"):
         training.train_and_evaluate(config.replace(learning_rate=0.01), tmp_path / "resumed")
 
-    # Damaged checkpoints give CheckpointError, not a crash deep inside orbax.
-    latest = training.latest_checkpoint(tmp_path / "resumed")
+    # Damaged checkpoints give CheckpointError, not a crash deep inside orbax (every one damaged:
+    # an intact older one is resumed from, see test_checkpoint_integrity).
     bad = tmp_path / "bad_json"
     shutil.copytree(tmp_path / "resumed", bad)
-    (bad / "checkpoints" / latest.name / "train_state.json").write_text('{"format": "ib_lasso_jax.tr')
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+    for ckpt in (bad / "checkpoints").iterdir():
+        (ckpt / "train_state.json").write_text('{"format": "ib_lasso_jax.tr')
+    with pytest.raises(CheckpointError, match="no intact training checkpoint.*corrupted or truncated"):
         training.train_and_evaluate(config, bad)
     bad = tmp_path / "bad_state"
     shutil.copytree(tmp_path / "resumed", bad)
-    state_dir = bad / "checkpoints" / latest.name / "state"
-    for f in state_dir.rglob("*"):
+    for f in (bad / "checkpoints").rglob("state/**/*"):
         if f.is_file() and f.name != "_CHECKPOINT_METADATA":
             f.write_bytes(b"\0garbage")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="no intact training checkpoint"):
         training.train_and_evaluate(config, bad)
 
 
@@ -298,3 +298,38 @@ def test_checkpoint_retention_keeps_last_n_and_best(tmp_path):
         training._save_checkpoint(tmp_path, step, params, rest, tx.init(params), {"data": {"epoch": 0, "step": step}},
                                   keep=2, best_step=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000002", "ckpt_000000004", "ckpt_000000005"]
+
+
+@pytest.mark.parametrize("key, value, valid", [
+    ("nesterov", "maybe", "true or false"), ("data_parallel", 1, "true or false"), ("progress", "no", "true or false"),
+    ("smoke", None, "true or false"), ("learning_rate", math.inf, "a finite number >= 0"),
+    ("warmup_epochs", math.nan, "a finite number >= 0"), ("warmup_epochs", 1e9, "a number in [0, 10]"),
+    ("milestones", (5, math.inf), "positive epochs"),
+])
+def test_bad_field_types_and_ranges_name_key_value_and_valid(key, value, valid):
+    with pytest.raises(ValueError) as e:
+        TrainConfig().replace(**{key: value}).validate()
+    shown = list(value) if key == "milestones" else value
+    assert f"config.{key}={shown!r} is not valid" in str(e.value) and valid in str(e.value), str(e.value)
+
+
+def test_schedule_refuses_a_warmup_longer_than_the_run_and_skips_milestones_past_it():
+    c = TrainConfig(num_steps=30, warmup_epochs=1e9)
+    c.validate()  # the run's length in epochs is known only with the data set
+    with pytest.raises(ValueError, match=r"config.warmup_epochs=1000000000.0 is not valid: the warm-up \(10000000000 "
+                                         r"steps\) is longer than the run \(30 steps, 3 epochs\).*\[0, 3\]"):
+        training.create_schedule(c, steps_per_epoch=10, total_steps=30)
+    c = TrainConfig(learning_rate=0.1, schedule="step", milestones=(2, 1e9), decay_factor=0.1)
+    s = training.create_schedule(c, steps_per_epoch=10, total_steps=40)  # 1e9 epochs: never reached
+    assert [float(s(i)) for i in (0, 19, 20, 39)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+
+
+def test_retention_never_counts_checkpoints_newer_than_the_one_saved(tmp_path):
+    # a run resumed past a damaged newer checkpoint: the one it just saved must survive retention
+    model = models.create("lenet5", 10, (16, 16, 1), TINY_LENET)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.1)
+    for step in (1, 2, 5, 3):
+        training._save_checkpoint(tmp_path, step, params, rest, tx.init(params), {"data": {"epoch": 0, "step": step}},
+                                  keep=1, best_step=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000003", "ckpt_000000005"]

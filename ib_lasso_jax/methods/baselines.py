@@ -10,6 +10,9 @@
   al., "HRank: Filter Pruning using High-Rank Feature Map", CVPR 2020), post-activation, as the
   next layer sees it. After a flatten the map is reshaped to a square when ``H*W`` is one.
 - ``random``: uniform random scores (seeded).
+
+Options: ``hrank`` takes ``batch_size`` (128, images per forward pass); the others take none.
+Unknown options are refused (:func:`ib_lasso_jax.pruning.method_options`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from flax import nnx
 
 from ib_lasso_jax import coupling
 from ib_lasso_jax.features import iter_features
-from ib_lasso_jax.pruning import MethodContext, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = ["bn_scale_scores", "hrank_scores", "l1_norm_scores", "random_scores"]
 
@@ -81,9 +84,29 @@ def _ranks(maps):
     return jnp.linalg.matrix_rank(maps)
 
 
+_HRANK_DEFAULTS = {"batch_size": 128}
+
+
+def _hrank_options(ctx: MethodContext) -> dict:
+    o = method_options(ctx.options, _HRANK_DEFAULTS, "method 'hrank'")
+    b = o["batch_size"]
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        raise ValueError(f"option batch_size={b!r} is not valid for method 'hrank'; valid values: a positive integer "
+                         "(images per forward pass)")
+    return o
+
+
+def _no_options(method: str):
+    def check(ctx: MethodContext) -> dict:
+        return method_options(ctx.options, {}, f"method {method!r}")
+
+    return check
+
+
 def hrank_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
+    opts = _hrank_options(ctx)
     out = {}
-    for gf in iter_features(ctx.model, ctx.images, list(ctx.groups), batch_size=ctx.options.get("batch_size", 128)):
+    for gf in iter_features(ctx.model, ctx.images, list(ctx.groups), batch_size=opts["batch_size"]):
         shape = gf.map_shape
         if len(shape) != 2:
             side = math.isqrt(int(np.prod(shape)))
@@ -97,8 +120,12 @@ def random_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
     return {n: ctx.rng.random(g.size) for n, g in ctx.groups.items()}
 
 
-register_method("l1-norm", scores=l1_norm_scores, needs_data=False, description="filter L1 norm (Li et al. 2017)")
+register_method("l1-norm", scores=l1_norm_scores, needs_data=False, description="filter L1 norm (Li et al. 2017)",
+                check_options=_no_options("l1-norm"))
 register_method("bn-scale", scores=bn_scale_scores, needs_data=False,
-                description="BatchNorm |gamma| (network slimming, Liu et al. 2017)")
-register_method("hrank", scores=hrank_scores, description="average feature-map rank (Lin et al. 2020)")
-register_method("random", scores=random_scores, needs_data=False, description="uniform random scores")
+                description="BatchNorm |gamma| (network slimming, Liu et al. 2017)",
+                check_options=_no_options("bn-scale"))
+register_method("hrank", scores=hrank_scores, description="average feature-map rank (Lin et al. 2020)",
+                check_options=_hrank_options)
+register_method("random", scores=random_scores, needs_data=False, description="uniform random scores",
+                check_options=_no_options("random"))

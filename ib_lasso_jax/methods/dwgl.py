@@ -601,4 +601,5 @@ def dwgl_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
 
 
 register_method("dwgl", scores=dwgl_scores, needs_data=True, prepare=_prepare, default_policy="coupled",
-                description="directed-weighting group lasso sparsity training + coupled-group vote (Zhan et al. 2019)")
+                description="directed-weighting group lasso sparsity training + coupled-group vote (Zhan et al. 2019)",
+                check_options=lambda ctx: _check_options(ctx.options))

@@ -568,5 +568,5 @@ def _finalize(ctx: MethodContext, small: nnx.Module, masks) -> nnx.Module:
     return small
 
 
-register_method("entropic", scores=entropic_scores, finalize=_finalize,
+register_method("entropic", scores=entropic_scores, finalize=_finalize, check_options=_options,
                 description="generalised entropic sparsification + reconstruction (Barisin & Horenko 2024)")

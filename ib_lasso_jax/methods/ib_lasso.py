@@ -77,12 +77,37 @@ def _options(ctx: MethodContext) -> dict:
         raise ValueError(f"grid_mode must be one of {', '.join(GRID_MODES)}; got {opts['grid_mode']!r}")
     if opts["allocation"] not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {opts['allocation']!r}")
-    if opts["inspect"] is not None and opts["inspect"] not in ctx.groups:
-        raise ValueError(f"inspect must name a prunable channel group ({', '.join(ctx.groups)}); "
-                         f"got {opts['inspect']!r}")
+    # ctx.groups is None when the options are checked before the model is loaded (pruning.check_options)
+    if opts["inspect"] is not None and (not isinstance(opts["inspect"], str)
+                                        or ctx.groups is not None and opts["inspect"] not in ctx.groups):
+        groups = f" ({', '.join(ctx.groups)})" if ctx.groups is not None else ""
+        raise ValueError(f"inspect must name a prunable channel group{groups}; got {opts['inspect']!r}")
     w = opts["output_weight"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
         raise ValueError(f"output_weight must be a finite number >= 0; got {w!r}")
+
+    def bad(key, valid):
+        raise ValueError(f"option {key}={opts[key]!r} is not valid for the IB-lasso methods; valid values: {valid}")
+
+    def number(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(v)
+
+    def integer(v):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+    if not isinstance(opts["nonneg"], (bool, np.bool_)):
+        bad("nonneg", "true or false")
+    if not (number(opts["lam_range"]) and 0 < opts["lam_range"] < 1):
+        bad("lam_range", "the smallest lambda relative to the largest, a number in (0, 1)")
+    if not (integer(opts["grid"]) and opts["grid"] >= 2):
+        bad("grid", "the number of lambdas, an integer >= 2")
+    if not (number(opts["structure_weight"]) and opts["structure_weight"] >= 0):
+        bad("structure_weight", "a finite number >= 0")
+    if not (number(opts["mu"]) and opts["mu"] > 0):
+        bad("mu", "a finite number > 0")
+    for key in ("maxiter", "batch_size"):
+        if not (integer(opts[key]) and opts[key] >= 1):
+            bad(key, "a positive integer")
     return opts
 
 

@@ -477,6 +477,6 @@ def _selector(ctx: MethodContext):
     return select, 0.0, float(hi), False
 
 
-register_method("ic-shapley", selector=_selector,
+register_method("ic-shapley", selector=_selector, check_options=_options,
                 description="information concentration sets layer widths, Shapley values pick channels "
                             "(Chen & Wang 2024)")
