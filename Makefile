@@ -15,7 +15,7 @@ WORKERS ?= 2
 RUN := PYTHONDONTWRITEBYTECODE= $(BIN)/python
 PYTEST := $(RUN) -m pytest -q -n $(WORKERS) --maxschedchunk=1
 
-.PHONY: demo test lint test-papers install clean bench
+.PHONY: demo test lint test-papers test-onnx install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,23 @@ test: lint
 test-papers: $(STAMP)
 	$(PYTEST) tests/test_pipeline.py -k paper_config_smoke
 
+# The ONNX export tests (tests/test_export.py, skipped by `make test` without the optional
+# extra) in a venv of their own with '.[test,onnx]': jax2onnx 0.17 caps orbax-checkpoint below
+# 0.11.37, so installing the extra into .venv would downgrade its orbax-checkpoint.
+ONNX_VENV  := .venv-onnx
+ONNX_STAMP := $(ONNX_VENV)/.installed
+
+$(ONNX_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(ONNX_VENV)
+	$(ONNX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ONNX_VENV)/bin/python -m pip install --quiet --no-compile -e '.[test,onnx]'
+	touch $(ONNX_STAMP)
+
+# The import first: a broken install must fail here, not skip the tests.
+test-onnx: $(ONNX_STAMP)
+	$(ONNX_VENV)/bin/python -c "import jax2onnx, onnx, onnxruntime"
+	PYTHONDONTWRITEBYTECODE= $(ONNX_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs tests/test_export.py
+
 # Benchmarks print ratios measured side by side (no assertions).
 bench: $(STAMP)
 	$(RUN) experiments/bench_gram.py
@@ -50,4 +67,4 @@ bench: $(STAMP)
 	$(RUN) experiments/bench_latency.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(ONNX_VENV) results .pytest_cache

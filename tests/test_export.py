@@ -1,0 +1,290 @@
+"""Deployment export: StableHLO (jax.export) and ONNX (jax2onnx) files compute what the model computes.
+
+Zoo families at reduced widths (the structure, which is what the exporters see, is unchanged),
+each also pruned (l1-norm, 40% of the FLOPs removed). The ONNX tests need the optional extra
+(``pip install 'ib-lasso-jax[onnx]'``; ``make test-onnx`` installs it in .venv-onnx and runs
+this file) and are skipped without it.
+"""
+
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import randomise_batchnorm
+from ib_lasso_jax import checkpoint, export
+from ib_lasso_jax.models import create, default_widths
+from ib_lasso_jax.pruning import prune
+
+
+def _scaled(widths, div):
+    """Every integer width divided by ``div`` (at least 2)."""
+    if isinstance(widths, bool):
+        return widths
+    if isinstance(widths, int):
+        return max(2, widths // div)
+    if isinstance(widths, dict):
+        return {k: _scaled(v, div) for k, v in widths.items()}
+    if isinstance(widths, list):
+        return [_scaled(v, div) for v in widths]
+    return widths
+
+
+# vgg11 on 32x32x3: its last two convolutions run on 2x2 maps, the zoo's im2col case on a CPU.
+# resnet18 (32x32x3): the stem's 3x3/2 max pool with explicit padding 1.
+BASES = {
+    "lenet5": lambda: create("lenet5", rngs=1),
+    "vgg11": lambda: create("vgg11", input_shape=(32, 32, 3), widths=_scaled(default_widths("vgg11"), 8), rngs=1),
+    "resnet20": lambda: create("resnet20", widths=_scaled(default_widths("resnet20"), 4), rngs=1),
+    "resnet18": lambda: create("resnet18", input_shape=(32, 32, 3), widths=_scaled(default_widths("resnet18"), 16),
+                               rngs=1),
+}
+CASES = ["lenet5", "vgg11", "resnet20", "lenet5-pruned", "vgg11-pruned", "resnet20-pruned"]
+_MODELS = {}
+
+
+def _model(case):
+    """The model of ``case`` (built once per process), BatchNorm statistics randomised."""
+    if case not in _MODELS:
+        name, _, pruned = case.partition("-")
+        model = randomise_batchnorm(BASES[name](), 0)
+        if pruned:
+            model, report = prune(model, None, "l1-norm", target_flops=0.4)
+            assert report.flops_reduction > 0.3
+        _MODELS[case] = model
+    return _MODELS[case]
+
+
+@nnx.jit
+def _forward(model, x):
+    return model(x)
+
+
+def _reference(model, x):
+    """The model in inference mode (a copy: the model itself stays as it is)."""
+    ref = nnx.clone(model)
+    ref.eval()
+    return np.asarray(_forward(ref, jnp.asarray(x)))
+
+
+def _inputs(model, batch, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, *model.spec.input_shape)).astype(np.float32)
+
+
+def _rel_err(got, want):
+    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for _, m in nnx.iter_modules(model))
+
+
+def _float_concatenates(text):
+    """StableHLO concatenations of float tensors: im2col's (a symbolic batch adds int32 shape ones)."""
+    return [line for line in text.splitlines()
+            if "stablehlo.concatenate" in line and re.search(r"->\s*tensor<[^>]*xf", line)]
+
+
+# ----------------------------------------------------------------------------------------------
+# StableHLO
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stablehlo_round_trip_symbolic_batch(case, tmp_path):
+    model = _model(case)
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport")
+    assert info.batch is None and info.size_bytes == (tmp_path / "m.jaxexport").stat().st_size
+    exported = export.read_stablehlo(info.path)
+    assert jax.export.is_symbolic_dim(exported.in_avals[0].shape[0])
+    run = export.load_stablehlo(info.path)
+    for b in (1, 3):
+        x = _inputs(model, b, seed=b)
+        got = np.asarray(run(x))
+        want = _reference(model, x)
+        assert got.shape == want.shape == (b, model.spec.num_classes)
+        assert _rel_err(got, want) < 1e-5
+    # Every convolution is a real one, none the CPU's im2col + matmul.
+    text = exported.mlir_module()
+    assert len(re.findall(r"= stablehlo\.convolution", text)) == _count(model, nnx.Conv)
+    assert len(re.findall(r"= stablehlo\.dot_general", text)) == _count(model, nnx.Linear)
+    assert not _float_concatenates(text)
+
+
+@pytest.mark.parametrize("case", ["vgg11", "resnet20-pruned"])
+def test_stablehlo_fixed_batch(case, tmp_path):
+    model = _model(case)
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport", batch=2)
+    assert info.batch == 2
+    assert export.read_stablehlo(info.path).in_avals[0].shape == (2, *model.spec.input_shape)
+    run = export.load_stablehlo(info.path)
+    x = _inputs(model, 2)
+    assert _rel_err(run(x), _reference(model, x)) < 1e-5
+    with pytest.raises(ValueError, match="shape"):
+        run(_inputs(model, 3))
+    errors = export.verify(model, info.path)
+    assert list(errors) == [2] and errors[2] < 1e-5
+
+
+def test_stablehlo_for_several_platforms(tmp_path):
+    """Lowered for a GPU too on a machine without one (the file then runs on either)."""
+    model = _model("lenet5-pruned")
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport", platforms=("cpu", "cuda"))
+    assert export.read_stablehlo(info.path).platforms == ("cpu", "cuda")
+    x = _inputs(model, 2)
+    assert _rel_err(export.load_stablehlo(info.path)(x), _reference(model, x)) < 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the im2col path is taken on a CPU only")
+def test_plain_trace_of_vgg_takes_im2col():
+    """The control for the checks above: traced as the library runs it on a CPU, the VGG's 2x2-map
+    convolutions are im2col (concatenate + dot_general), which an export must not contain."""
+    model = nnx.clone(_model("vgg11"))
+    model.eval()
+    text = jax.jit(lambda x: model(x)).lower(jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)).as_text()
+    assert len(re.findall(r"= stablehlo\.convolution", text)) == _count(model, nnx.Conv) - 2
+    assert len(_float_concatenates(text)) == 2
+
+
+def test_batchnorm_inference_and_model_left_alone(tmp_path):
+    model = _model("resnet20")
+    assert not model.stem_bn.use_running_average  # created in train mode
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport")
+    assert not model.stem_bn.use_running_average  # the export worked on an eval-mode copy
+    x = _inputs(model, 3)
+    got = np.asarray(export.load_stablehlo(info.path)(x))
+    train_mode = np.asarray(_forward(nnx.clone(model), jnp.asarray(x)))  # batch statistics
+    assert _rel_err(got, _reference(model, x)) < 1e-5
+    assert _rel_err(got, train_mode) > 1e-2
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    model = _model("lenet5")
+    out = tmp_path / "sub" / "m.jaxexport"  # a missing directory is created
+    export.export_stablehlo(model, out, batch=1)
+    first = out.read_bytes()
+    with pytest.raises(ValueError, match="exists"):
+        export.export_stablehlo(model, out, overwrite=False)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_stablehlo(model, out)  # symbolic batch: other bytes
+    monkeypatch.undo()
+    assert out.read_bytes() == first  # the old file, whole
+    assert os.listdir(out.parent) == ["m.jaxexport"]  # no temporary file left
+    export.export_stablehlo(model, out)
+    assert out.read_bytes() != first and jax.export.is_symbolic_dim(export.read_stablehlo(out).in_avals[0].shape[0])
+    with pytest.raises(ValueError, match="directory"):
+        export.export_stablehlo(model, tmp_path)
+
+
+class _Tiny(nnx.Module):
+    """A user's own model: no ``.spec``."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(jax.nn.relu(self.bn(self.conv(x))), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+def test_user_model_needs_input_shape(tmp_path):
+    model = randomise_batchnorm(_Tiny(nnx.Rngs(0)), 3)
+    with pytest.raises(ValueError, match="input_shape"):
+        export.export_stablehlo(model, tmp_path / "m.jaxexport")
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport", input_shape=(9, 9, 1))
+    errors = export.verify(model, info.path, input_shape=(9, 9, 1))
+    assert sorted(errors) == [1, 3] and max(errors.values()) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_bad_batch(bad, tmp_path):
+    with pytest.raises(ValueError, match="batch"):
+        export.export_stablehlo(_model("lenet5"), tmp_path / "m", batch=bad)
+
+
+def test_abstract_model_and_unknown_format(tmp_path):
+    abstract = nnx.eval_shape(lambda: create("lenet5"))
+    with pytest.raises(ValueError, match="abstract"):
+        export.export_stablehlo(abstract, tmp_path / "m")
+    with pytest.raises(ValueError, match="stablehlo, onnx"):
+        export.export_model(_model("lenet5"), tmp_path / "m", format="tflite")
+    (tmp_path / "junk").write_bytes(b"not a module")
+    with pytest.raises(ValueError, match="jax.export"):
+        export.read_stablehlo(tmp_path / "junk")
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_checkpoint(tmp_path):
+    """What `ib-lasso export --checkpoint DIR` does: restore the saved (pruned) model, export it."""
+    model = _model("resnet20-pruned")
+    checkpoint.save_model(tmp_path / "model", model)
+    info = export.export_checkpoint(tmp_path / "model", tmp_path / "m.jaxexport", format="stablehlo", batch=None)
+    x = _inputs(model, 2)
+    assert _rel_err(export.load_stablehlo(info.path)(x), _reference(model, x)) < 1e-5
+
+
+def test_onnx_missing_extra_is_a_clear_import_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import jax2onnx raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'ib-lasso-jax\[onnx\]'"):
+        export.export_onnx(_model("lenet5"), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX (optional extra)
+
+
+def _onnx_ops(path):
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)  # strict shape inference included
+    return [n.op_type for n in proto.graph.node]
+
+
+@pytest.mark.parametrize("case", [*CASES, "resnet18"])
+def test_onnx_round_trip_dynamic_batch(case, tmp_path):
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    model = _model(case)
+    info = export.export_onnx(model, tmp_path / "m.onnx")
+    run = export.load_onnx(info.path)
+    inp = run.session.get_inputs()[0]
+    assert inp.name == "input" and inp.shape == ["batch", *model.spec.input_shape]
+    for b in (1, 3):
+        x = _inputs(model, b, seed=b)
+        got = run(x)
+        want = _reference(model, x)
+        assert got.shape == want.shape
+        assert _rel_err(got, want) < 1e-4
+    ops = _onnx_ops(info.path)
+    assert ops.count("Conv") == _count(model, nnx.Conv)
+    assert ops.count("BatchNormalization") == _count(model, nnx.BatchNorm)
+    if case.startswith(("vgg", "lenet", "resnet18")):
+        assert "MaxPool" in ops
+
+
+def test_onnx_fixed_batch_and_explicit_pool_padding(tmp_path):
+    """A fixed batch, and a user's model whose 3x3/2 max pool has explicit padding 1 (jax2onnx alone
+    reads it as VALID: a 4x4 output instead of 5x5)."""
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = randomise_batchnorm(_Tiny(nnx.Rngs(0)), 3)
+    info = export.export_onnx(model, tmp_path / "m.onnx", batch=2, input_shape=(9, 9, 1))
+    assert info.batch == 2
+    errors = export.verify(model, info.path, input_shape=(9, 9, 1))
+    assert list(errors) == [2] and errors[2] < 1e-4
+    run = export.load_onnx(info.path)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+        run(np.zeros((3, 9, 9, 1), np.float32))
+    assert nnx.max_pool.__module__.startswith("flax")  # the wrapper is gone after the export
