@@ -9,6 +9,7 @@ Subcommands:
   evaluate top-1 (and top-5) accuracy of a saved model on a data set
   prune    prune a saved model to a FLOPs/params target; saves the smaller model and a report
   run      the whole pipeline of a paper config: baseline -> prune -> BN -> finetune -> report
+  export   a saved model as one StableHLO (jax.export) or ONNX file for deployment, checked
   cache    where the persistent XLA compilation cache lives and its size; --clear empties it
 
 train, finetune, evaluate, prune and run keep compiled XLA programs on disk
@@ -494,6 +495,31 @@ def _library_warnings_as_lines(command: str):
         yield
 
 
+def _cmd_export(args) -> int:
+    from ib_lasso_jax import checkpoint, export
+
+    out = Path(args.out).expanduser()
+    _refuse_overlap(args, "--out", args.out, [out], "a file outside the checkpoint directory")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be a positive integer; got {args.batch}")
+    if out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory; expected a file name (e.g. model.onnx)")
+    model = checkpoint.restore_model(args.checkpoint)  # reads only
+    try:
+        info = export.export_model(model, out, format=args.format, batch=args.batch)
+        errors = export.verify(model, out, format=args.format) if args.check else None
+    except ImportError as e:  # the onnx extra is missing: one clear line
+        raise ValueError(str(e)) from e
+    if args.json:
+        print(json.dumps(info.to_dict() | ({"max_rel_error": errors} if errors else {})))
+        return 0
+    b = "symbolic" if info.batch is None else info.batch
+    print(f"{info.format} written to {info.path}: {info.size_bytes / 1e6:.2f} MB, batch {b}, {info.seconds:.1f} s")
+    if errors:
+        print("max relative error against the model: " + ", ".join(f"batch {k}: {v:.1e}" for k, v in errors.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ib_lasso_jax.models import DATASETS
     from ib_lasso_jax.pruning import available_methods
@@ -589,6 +615,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print our final numbers as JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("export", help="write a saved model as one StableHLO or ONNX file for deployment")
+    p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model); never modified")
+    p.add_argument("--format", required=True, choices=["stablehlo", "onnx"],
+                   help="stablehlo: jax.export; onnx: jax2onnx (pip install 'ib-lasso-jax[onnx]')")
+    p.add_argument("--out", required=True, help="the file to write (replaced atomically)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, metavar="N", help="a fixed batch size")
+    batch.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
+    p.add_argument("--check", action="store_true", help="run the file against the model and print the error")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cache", help="the persistent XLA compilation cache: location and size, or --clear")
     p.add_argument("--dir", help="a cache directory other than the default")

@@ -6,6 +6,7 @@ each also pruned (l1-norm, 40% of the FLOPs removed). The ONNX tests need the op
 this file) and are skipped without it.
 """
 
+import json
 import os
 import re
 import sys
@@ -288,3 +289,26 @@ def test_onnx_fixed_batch_and_explicit_pool_padding(tmp_path):
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
         run(np.zeros((3, 9, 9, 1), np.float32))
     assert nnx.max_pool.__module__.startswith("flax")  # the wrapper is gone after the export
+
+
+def test_cli_export_stablehlo_round_trip_and_errors(tmp_path, capsys):
+    """`ib-lasso export` as a user runs it: a saved model to a checked StableHLO file."""
+    from ib_lasso_jax.cli import main
+    from ib_lasso_jax.models import create
+
+    src = tmp_path / "model"
+    model = create("lenet5", widths={"conv": [4, 8], "fc": [16, 16]}, rngs=0)
+    checkpoint.save_model(src, model)
+    out = tmp_path / "lenet.jaxexport"
+    assert main(["export", "--checkpoint", str(src), "--format", "stablehlo", "--out", str(out), "--check",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["batch"] is None and max(info["max_rel_error"].values()) < 1e-5
+    x = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
+    model.eval()
+    np.testing.assert_allclose(np.asarray(export.load_stablehlo(out)(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    assert main(["export", "--checkpoint", str(src), "--format", "stablehlo", "--out", str(src / "x"),
+                 "--batch", "4"]) == 2
+    assert "would overwrite the input --checkpoint" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(src), "--format", "stablehlo", "--out", str(out), "--batch", "0"]) == 2
+    assert "--batch must be a positive integer; got 0" in capsys.readouterr().err
