@@ -7,8 +7,8 @@ steps after ``--warmup`` steps, and the throughput ratio ours / PyTorch (> 1: ou
 PyTorch is optional: without it the script says so and prints ours alone.
 
     python experiments/bench_train.py                                   # all three models
-    python experiments/bench_train.py --models resnet20 --xla-flags "--xla_cpu_use_thunk_runtime=false"
-    python experiments/bench_train.py --models resnet20 --flag-sets "" "--xla_cpu_experimental_onednn_custom_call=true"
+    python experiments/bench_train.py --models resnet20 --xla-flags=--xla_cpu_use_xnnpack=true
+    python experiments/bench_train.py --models resnet20 --flag-sets="|--xla_cpu_experimental_onednn_custom_call=true"
 
 ``--flag-sets`` runs our side once per XLA flag set, each in a fresh process (XLA reads
 ``XLA_FLAGS`` once, at start-up), PyTorch once. Writes ``--out`` (JSON) when given.
@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--xla-flags", help="XLA_FLAGS for our side (this process)")
-    p.add_argument("--flag-sets", nargs="+", help="run our side once per XLA_FLAGS value, each in its own process")
+    p.add_argument("--flag-sets", help="XLA_FLAGS values separated by '|' (an empty one: no flags); our side "
+                                       "runs once per value, each in its own process")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--ours-only-json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     except ImportError:
         have_torch = False
         print("PyTorch is not installed: printing our side alone (pip install torch to compare)", file=sys.stderr)
-    flag_sets = args.flag_sets if args.flag_sets else [None]
+    flag_sets = [f.strip() for f in args.flag_sets.split("|")] if args.flag_sets is not None else [None]
     rows = []
     for name in names:
         ref = bench_torch(name, args.batch, args.warmup, args.steps) if have_torch else None
