@@ -15,20 +15,34 @@ How it works:
   feature axis with its kernel's input axis, and its kernel's output axis with its
   output's feature axis; a dense layer (``dot_general``) does the same for contracted and
   free axes.
-* Primitives that move indices (``concatenate``, ``pad``, ``slice``, ``rev``, a flattening
-  ``reshape``) add *links*: position ``i`` of the output axis is position ``j`` of an input
-  axis. Flattening an NHWC map before a dense layer links input feature
+* Primitives that move indices (``concatenate``, ``pad``, ``split``, ``slice``, ``rev``, a
+  flattening ``reshape``) add *links*: position ``i`` of the output axis is position ``j`` of
+  an input axis. Flattening an NHWC map before a dense layer links input feature
   ``(h*W + w)*C + c`` to channel ``c``: one channel maps to ``H*W`` inputs.
+* Constructs that read an axis in equal parts *tie* channel ``p`` to offset ``p % w`` of a
+  part of width ``w``: a grouped convolution (``w = c_in / groups``; its output is a group of
+  ``c_out / groups`` channels, one filter in every conv group), a split into equal parts
+  (``jnp.split(x, n)``), a reshape that splits one axis (a channel shuffle's ``(g, c/g)``).
+  Such channels go at the same offset in every part (as Torch-Pruning prunes grouped
+  convolutions), so shape-derived code (``c // g``) still lines up after surgery. A
+  depthwise convolution passes its channels through (with a multiplier ``m``, output ``o``
+  is input ``o // m``).
 * After the trace, every class of unified nodes is an axis "space". A position of a space
   that no link explains is *owned* by that space. Spaces that own positions and contain the
   output axis of a convolution or dense kernel (a *producer*) are the channel groups.
   A residual add that ties several producers into one space makes a *residual* group.
 * The model's input and output axes are never prunable.
 
-Primitives that mix channels in ways this cannot express (gather, scatter, grouped
-convolutions, control flow) mark the axes they touch; if such an axis lands in a channel
-group the trace raises :class:`CouplingError` naming the primitive, the layers involved and
-the source line (or, with ``strict=False``, marks that group as not prunable).
+Primitives that mix channels in ways this cannot express (gather, scatter, control flow, a
+channel slice or an unequal split at fixed positions, a reshape that regroups several axes,
+a reduction or pooling across channels, as in LayerNorm or GroupNorm over channels)
+mark the axes they touch; if such an axis lands in a channel group the trace raises
+:class:`CouplingError` naming the primitive, the layers involved, the source line and what to
+do (or, with ``strict=False``, marks that group as not prunable, with that reason). So does one
+axis position claimed by two channels (an add of two concatenations split differently).
+A model outside the registry runs its own ``__call__`` after surgery: surgery re-traces it and
+checks every slice, split and pad still selects the kept channels
+(:meth:`ChannelGraph.check_rebuilt`), so a channel count written as a number fails loudly.
 """
 
 from __future__ import annotations
@@ -168,6 +182,7 @@ class _Link:
     out_pos: np.ndarray
     src: int  # node of the input axis
     src_pos: np.ndarray
+    where: str = ""  # the primitive and source line that made it
 
 
 @dataclasses.dataclass
@@ -186,6 +201,19 @@ class _Site:
 class _Mark:
     node: int
     what: str
+
+
+@dataclasses.dataclass
+class _Positional:
+    """A primitive that addresses axis positions by number (see ``ChannelGraph.check_rebuilt``).
+
+    ``axes``: per axis ``(input node, output node, params)``: ``(start, limit, stride)`` for a
+    slice, ``(lo, hi, interior)`` for a pad; for a split one entry ``(node, None, sizes)``.
+    """
+
+    kind: str
+    where: str
+    axes: list
 
 
 _PASS_SRC = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
@@ -210,6 +238,13 @@ class _Tracer:
         # conventions that charge normalisation layers use these.
         self.param_touches: list[tuple[frozenset, int]] = []
         self.sites: list[_Site] = []
+        # Grouped convolutions read their input channels modulo the group width: (node of the
+        # input's feature axis, node of the kernel's input axis, the conv's module path).
+        self.ties: list[tuple[int, int, str]] = []
+        # slice / split / pad equations in walk order, with the positions they pin on each
+        # axis: surgery re-traces a rebuilt user model and checks they followed the pruning.
+        self.positional: list[_Positional] = []
+        self._eqn = None  # the equation being walked
         self.depth = -1
 
     # -- helpers
@@ -223,10 +258,22 @@ class _Tracer:
 
     @staticmethod
     def where(eqn) -> str:
+        """``file:line (function)`` of the user's code that ran ``eqn``; inside a library layer
+        (``nnx.GroupNorm``), the line that called it and the layer's method."""
         try:
+            import os
+
+            import flax
             from jax._src import source_info_util
 
-            return source_info_util.summarize(eqn.source_info)
+            libs = [os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (flax,)]
+            libs.append(os.path.dirname(os.path.abspath(__file__)) + os.sep)
+            frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+            at = [i for i, f in enumerate(frames) if not any(os.path.abspath(f.file_name).startswith(d) for d in libs)]
+            if not at or at[0] == 0:
+                return source_info_util.summarize(eqn.source_info)
+            user, lib = frames[at[0]], frames[at[0] - 1]
+            return f"{user.file_name}:{user.start_line} ({user.function_name}, in {lib.function_name})"
         except Exception:  # pragma: no cover - best effort only
             return "<unknown source>"
 
@@ -238,7 +285,9 @@ class _Tracer:
                     self.unsupported.append(_Mark(n, msg))
 
     def link(self, out: int, out_pos, src: int, src_pos):
-        self.links.append(_Link(out, np.asarray(out_pos, np.int64), src, np.asarray(src_pos, np.int64)))
+        eqn = self._eqn
+        where = f"'{eqn.primitive.name}' at {self.where(eqn)}" if eqn is not None else ""
+        self.links.append(_Link(out, np.asarray(out_pos, np.int64), src, np.asarray(src_pos, np.int64), where))
 
     # -- the walk
     def run(self, jaxpr, consts_info: list[_Info], in_info: list[_Info]) -> list[_Info]:
@@ -262,6 +311,7 @@ class _Tracer:
         return [self.read(env, v) for v in jaxpr.outvars]
 
     def eqn(self, eqn, ins: list[_Info]) -> list[_Info]:
+        self._eqn = eqn
         name = eqn.primitive.name
         out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
         act = any(i.act for i in ins)
@@ -304,6 +354,15 @@ class _Tracer:
             return [_Info(tuple(ins[0].nodes[p] for p in perm), ins[0].act, origin=ins[0].origin)]
         if name in _REDUCE:
             axes = set(eqn.params["axes"])
+            # Over a channel axis (LayerNorm's or GroupNorm's statistics, CBAM's channel mean or
+            # max) the result for the kept channels depends on the removed ones, so the pruned
+            # model would not equal the masked one. (Spatial and batch axes never reach a group.)
+            self.mark_unsupported(
+                eqn, [_Info(tuple(ins[0].nodes[d] for d in sorted(axes)), ins[0].act)],
+                f"reduces over axes {sorted(axes)}; over channels (a LayerNorm or GroupNorm, a mean or max across "
+                "channels) removing a channel changes the result for the others, so the pruned model would not "
+                "equal the masked one; leave these channels unpruned (strict=False)",
+            )
             return [_Info(tuple(n for i, n in enumerate(ins[0].nodes) if i not in axes), ins[0].act)]
         if name.startswith("reduce_window") or name in ("select_and_gather_add",):
             return [self.window(eqn, ins[0], out_shapes[0])]
@@ -313,6 +372,8 @@ class _Tracer:
             return [self.pad(eqn, ins[0], out_shapes[0])]
         if name == "slice":
             return [self.slice(eqn, ins[0], out_shapes[0])]
+        if name == "split":
+            return self.split(eqn, ins[0], out_shapes)
         if name == "rev":
             op = ins[0]
             out = list(op.nodes)
@@ -359,7 +420,12 @@ class _Tracer:
             return [_Info(tuple(out), act, src, frozenset() if act else origin)]
 
         # Anything else that touches shaped arrays cannot be followed.
-        self.mark_unsupported(eqn, ins, "its effect on channel indices cannot be derived")
+        self.mark_unsupported(
+            eqn, ins,
+            "its effect on channel indices cannot be derived (index arrays, scatters and control flow are not "
+            "followed); write it with jnp.split into equal parts, concatenation or a reshape of one axis, or leave "
+            "these channels unpruned (strict=False)",
+        )
         return [_Info(self.fresh(s), act) for s in out_shapes]
 
     def conv(self, eqn, ins, out_shape) -> _Info:
@@ -372,24 +438,42 @@ class _Tracer:
         out = list(self.fresh(out_shape))
         out[ob] = lhs.nodes[lb]
         kernel = rhs.src or "<computed kernel>"
+        module = _module_of(kernel)
         c_in = self.nodes.size[lhs.nodes[lf]]
+        c_out = self.nodes.size[rhs.nodes[ro]]
         if eqn.params.get("batch_group_count", 1) != 1:
-            self.mark_unsupported(eqn, [lhs, rhs], "batch_group_count != 1")
+            self.mark_unsupported(eqn, [lhs, rhs], f"convolution {module!r} has batch_group_count != 1")
         elif groups == 1:
             self.nodes.union(lhs.nodes[lf], rhs.nodes[ri])
             out[of] = rhs.nodes[ro]
             self.producers.append((rhs.nodes[ro], kernel))
             self.consumers.append((rhs.nodes[ri], kernel))
             self.sites.append(_Site(self.depth, eqn.invars[0], lf, lhs.nodes[lf], eqn.outvars[0], kernel))
-        elif groups == c_in and self.nodes.size[rhs.nodes[ro]] == c_in:
+        elif groups == c_in and c_out == c_in:
             # Depthwise (one filter per channel): the channel passes straight through.
             self.nodes.union(lhs.nodes[lf], rhs.nodes[ro])
             out[of] = lhs.nodes[lf]
+        elif groups == c_in and c_out % c_in == 0:
+            # Depthwise with a channel multiplier m: output o reads input channel o // m, so
+            # removing an input channel removes its m filters (and the conv's group count).
+            m = c_out // c_in
+            self.link(rhs.nodes[ro], np.arange(c_out), lhs.nodes[lf], np.arange(c_out) // m)
+            out[of] = rhs.nodes[ro]
         else:
-            self.mark_unsupported(
-                eqn, [_Info((lhs.nodes[lf],), True), _Info((rhs.nodes[ro],), False)],
-                f"grouped convolution with feature_group_count={groups} is not supported",
-            )
+            # Grouped (ResNeXt): input channel i of every group is the kernel's input i, output
+            # o is filter o % (c_out / groups) of its group. Channels can be removed only at
+            # the same offset in every group (as Torch-Pruning does): the output axis is a
+            # group of c_out / groups channels, each one position in every conv group; the
+            # input axis is tied to the kernel's input axis modulo c_in / groups.
+            per_out = c_out // groups
+            q = self.nodes.new(per_out)
+            self.link(rhs.nodes[ro], np.arange(c_out), q, np.arange(c_out) % per_out)
+            out[of] = rhs.nodes[ro]
+            self.producers.append((q, kernel))
+            self.consumers.append((rhs.nodes[ri], kernel))
+            self.ties.append((lhs.nodes[lf], rhs.nodes[ri], f"grouped convolution {module!r} (feature_group_count="
+                              f"{groups})"))
+            self.sites.append(_Site(self.depth, eqn.invars[0], lf, lhs.nodes[lf], eqn.outvars[0], kernel))
         rhs_shape = [self.nodes.size[n] for n in rhs.nodes]
         spatial = math.prod(rhs_shape[d] for d in dn.rhs_spec[2:])
         out_per_example = math.prod(s for i, s in enumerate(out_shape) if i != ob)
@@ -470,10 +554,20 @@ class _Tracer:
                     n = in_shape[d]
                     self.link(out[gb[0]], k, op.nodes[d], (k // inner) % n)
                     inner *= n
+            elif len(ga) == 1:
+                # One axis split into several (a channel shuffle's (g, c/g), depth-to-space):
+                # channel p is position p % w of the last (fastest) axis in
+                # block p // w. Channels go at the same offset in every block, so the blocks'
+                # sizes stay a product and a shape-derived reshape still lines up.
+                sizes = [out_shape[d] for d in gb]
+                self.ties.append((op.nodes[ga[0]], out[gb[-1]],
+                                  f"the reshape splitting axis {ga[0]} ({pa}) into {sizes} at {self.where(eqn)}"))
             else:
                 self.mark_unsupported(
                     eqn, [_Info(tuple(op.nodes[d] for d in ga), op.act)],
-                    f"reshape splits axes of sizes {[in_shape[d] for d in ga]} into {[out_shape[d] for d in gb]}",
+                    f"reshape regroups axes of sizes {[in_shape[d] for d in ga]} into {[out_shape[d] for d in gb]} "
+                    "(neither a flatten nor a split of one axis); reshape in two steps (flatten, then split one axis), "
+                    "or leave these channels unpruned (strict=False)",
                 )
         return _Info(tuple(out), op.act, op.src if tuple(in_shape) == tuple(out_shape) else None, op.origin)
 
@@ -489,6 +583,10 @@ class _Tracer:
             )
             if same:
                 out[d] = n
+            else:  # pooling across an axis mixes its entries (spatial axes never reach a group)
+                self.mark_unsupported(eqn, [_Info((n,), op.act)],
+                                      f"pools across axis {d} (window {p['window_dimensions'][d]}), mixing its "
+                                      "entries; leave these channels unpruned (strict=False)")
         return _Info(tuple(out), op.act)
 
     def concat(self, eqn, ins, out_shape) -> _Info:
@@ -508,9 +606,12 @@ class _Tracer:
 
     def pad(self, eqn, op: _Info, out_shape) -> _Info:
         out = list(op.nodes)
+        axes = []
+        self.positional.append(_Positional("pad", self.where(eqn), axes))
         for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
             lo, hi, interior = int(lo), int(hi), int(interior)
             if (lo, hi, interior) == (0, 0, 0):
+                axes.append((op.nodes[d], op.nodes[d], (0, 0, 0)))
                 continue
             n = self.nodes.size[op.nodes[d]]
             out[d] = self.nodes.new(out_shape[d])
@@ -518,20 +619,77 @@ class _Tracer:
             dst = lo + src * (interior + 1)
             ok = (dst >= 0) & (dst < out_shape[d])
             self.link(out[d], dst[ok], op.nodes[d], src[ok])
+            axes.append((op.nodes[d], out[d], (lo, hi, interior)))
         return _Info(tuple(out), op.act)
+
+    def split(self, eqn, op: _Info, out_shapes) -> list[_Info]:
+        axis = eqn.params["axis"] % len(op.nodes)
+        sizes = tuple(int(shape[axis]) for shape in out_shapes)
+        node = op.nodes[axis]
+        self.positional.append(_Positional("split", self.where(eqn), [(node, None, sizes)]))
+        if len(sizes) > 1 and len(set(sizes)) == 1:
+            # Equal parts (jnp.split(x, n), torch's chunk): channel i of every part goes
+            # together, so the parts stay equal and a shape-derived split still lines up.
+            self.ties.append((node, self.nodes.new(sizes[0]), f"the split into {len(sizes)} equal parts at "
+                                                                f"{self.where(eqn)}"))
+        elif len(sizes) > 1:
+            self.mark_unsupported(
+                eqn, [_Info((node,), op.act)],
+                f"splits axis {axis} into unequal parts {list(sizes)} at fixed positions; removing channels would "
+                "move the split points. Split into equal parts (jnp.split(x, n, axis)), which prunes at the same "
+                "offset in every part, or leave these channels unpruned (strict=False)",
+            )
+        outs, off = [], 0
+        for size in sizes:
+            out = list(op.nodes)
+            out[axis] = self.nodes.new(size)
+            self.link(out[axis], np.arange(size), node, off + np.arange(size))
+            off += size
+            outs.append(_Info(tuple(out), op.act))
+        return outs
 
     def slice(self, eqn, op: _Info, out_shape) -> _Info:
         p = eqn.params
         strides = p["strides"] or (1,) * len(op.nodes)
         out = list(op.nodes)
+        axes = []
         for d, n in enumerate(op.nodes):
             start, limit, stride = p["start_indices"][d], p["limit_indices"][d], strides[d]
             if start == 0 and limit == self.nodes.size[n] and stride == 1:
+                axes.append((n, n, (0, self.nodes.size[n], 1)))
                 continue
             out[d] = self.nodes.new(out_shape[d])
             k = np.arange(out_shape[d])
             self.link(out[d], k, n, start + k * stride)
+            axes.append((n, out[d], (int(start), int(limit), int(stride))))
+            # A slice pins positions by number: on a channel axis, removing a channel before or
+            # inside it would make it read other channels. (Spatial slices mark spatial axes,
+            # which never reach a channel group.)
+            self.mark_unsupported(
+                eqn, [_Info((n,), op.act)],
+                f"slices axis {d} at fixed positions [{start}:{limit}:{stride}]; removing a channel would make it "
+                "read other channels. Split into equal parts (jnp.split(x, n, axis)) instead, or leave these "
+                "channels unpruned (strict=False)",
+            )
+        self.positional.append(_Positional("slice", self.where(eqn), axes))
         return _Info(tuple(out), op.act)
+
+def _user_frame(e: BaseException) -> str:
+    """``file:line (function)`` of the innermost traceback frame outside jax, flax and this package."""
+    import os
+    import traceback
+
+    import flax
+    import jaxlib
+
+    skip = [os.path.dirname(os.path.abspath(m.__file__)) for m in (jax, jaxlib, flax)]
+    skip.append(os.path.dirname(os.path.abspath(__file__)))
+    here = None
+    for fr in traceback.extract_tb(e.__traceback__):
+        path = os.path.abspath(fr.filename)
+        if not any(path.startswith(d + os.sep) for d in skip):
+            here = f"{fr.filename}:{fr.lineno} ({fr.name})"
+    return here or "<unknown source>"
 
 
 def _inner_jaxpr(eqn):
@@ -616,27 +774,44 @@ class ChannelGraph:
         # Resolve each space's positions to (root space, own position) pairs.
         self._resolved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._conflicts: dict[int, str] = {}
+        self._conflict_roots: set[int] = set()  # root spaces some conflicting position resolves to
+
+        unsupported: dict[int, str] = {}
+        for m in tracer.unsupported:
+            unsupported.setdefault(nodes.find(m.node), m.what)
+        # space -> the space whose producers it takes over (a grouped conv's tied input)
+        self._alias: dict[int, int] = {}
+        self._tie_parts(unsupported)
+        residual = {nodes.find(n) for n in tracer.residual_nodes}
+        residual |= {r for r, src in self._alias.items() if src in residual}
+        # Resolve every linked space now, so a conflict is known before any group is built.
+        for space in list(self._links):
+            self._resolve(space)
 
         # Groups: spaces that own positions and contain a producer.
         consumers: dict[int, list[str]] = {}
         for n, k in tracer.consumers:
             consumers.setdefault(nodes.find(n), []).append(k)
-        residual = {nodes.find(n) for n in tracer.residual_nodes}
-        unsupported: dict[int, str] = {}
-        for m in tracer.unsupported:
-            unsupported.setdefault(nodes.find(m.node), m.what)
 
         space_params: dict[int, list[tuple[str, int]]] = {}
         for p, ns in param_nodes.items():
             for axis, n in enumerate(ns):
                 space_params.setdefault(nodes.find(n), []).append((p, axis))
         self._space_params = space_params
+        # Spaces whose positions can reach a group: those holding parameters (to slice), links
+        # (to follow) or an unsupported construct (to refuse).
+        self._scan_spaces = sorted(set(space_params) | set(self._links) | set(unsupported))
 
         self.groups: dict[str, ChannelGroup] = {}
         self._group_space: dict[str, int] = {}
         self._own_index: dict[int, np.ndarray] = {}  # space -> position -> own index (-1 if linked)
         self._space_roots_cache: dict[int, list] = {}
-        for space in sorted(producer_spaces, key=lambda s: _first_index(tracer.producers, nodes, s)):
+        order = {}
+        for i, (n, _) in enumerate(tracer.producers):
+            sp = nodes.find(n)
+            for key in (sp, *[r for r, src in self._alias.items() if src == sp]):
+                order.setdefault(key, i)
+        for space in sorted(producer_spaces, key=lambda s: order.get(s, len(order))):
             if space in excluded:
                 continue
             roots_s, roots_p = self._resolve(space)
@@ -655,16 +830,18 @@ class ChannelGraph:
             cons = sorted({_module_of(k) for s in touched for k in consumers.get(s, [])})
             reason = ""
             bad = [unsupported[s] for s in touched if s in unsupported]
-            if space in self._conflicts:
-                bad.append(self._conflicts[space])
+            bad += [self._conflicts[s] for s in touched if s in self._conflicts]
+            if space in self._conflict_roots and not any(s in self._conflicts for s in touched):
+                bad.append(next(iter(self._conflicts.values())))
             if bad:
                 reason = bad[0]
                 if strict:
+                    fix = "" if "strict=False" in reason else (
+                        ". Use supported layers (conv, dense, BatchNorm, elementwise ops, pooling, residual adds, "
+                        "concatenation, flatten) or trace with strict=False to leave the group unpruned")
                     raise CouplingError(
                         f"channel group {name!r} (layers {sorted({_module_of(k) for k in kernels})}) is touched by "
-                        f"an unsupported construct: {reason}. Use supported layers (conv, dense, BatchNorm, "
-                        "elementwise ops, pooling, residual adds, concatenation, flatten) or trace with strict=False "
-                        "to leave the group unpruned."
+                        f"an unsupported construct: {reason}{fix}."
                     )
             self.groups[name] = ChannelGroup(
                 name=name,
@@ -700,17 +877,140 @@ class ChannelGraph:
             already = (roots_s[pos] != space) | (roots_p[pos] != pos)
             clash = already & ((roots_s[pos] != cs) | (roots_p[pos] != cp))
             if clash.any():
+                made = sorted({x.where for x in self._links[space] if x.where})
                 self._conflicts[space] = (
-                    "one axis position is tied to two different channels (e.g. an add of two concatenations)"
+                    f"one axis position is tied to two different channels by {' and '.join(made) or 'two links'} "
+                    "(e.g. an add of two concatenations with different splits); make the members line up (same "
+                    "sizes in the same order), or leave these channels unpruned (strict=False)"
                 )
+                self._conflict_roots.update(np.unique(roots_s[pos][clash]).tolist())
+                self._conflict_roots.update(np.unique(cs[clash]).tolist())
             roots_s[pos], roots_p[pos] = cs, cp
         self._resolved[space] = (roots_s, roots_p)
         return roots_s, roots_p
 
+    def _tie_parts(self, unsupported: dict[int, str]):
+        """Tie channel ``p`` of an axis to position ``p % width`` of a part.
+
+        A grouped convolution reads input channel ``p`` as its kernel's input ``p % width``
+        (``width = c_in / groups``), and a split into equal parts gives channel ``p`` to
+        position ``p % width`` of one part: a channel can go only at the same offset in every
+        part. If the axis's channels are a producer's own, they become a group of ``width``
+        channels (each one position in every part), via a link from the axis's positions to
+        the part's axis. If they are already linked (e.g. to another grouped convolution's
+        output) and repeat with period ``width``, the part's axis follows them. Anything else
+        is refused, naming the construct."""
+        nodes = self._t.nodes
+        for p_node, r_node, what in self._t.ties:
+            P, R = nodes.find(p_node), nodes.find(r_node)
+            c_in, width = nodes.size[P], nodes.size[R]
+            rs, rp = self._resolve(P)
+            if R in self._links or R in self._producer_spaces:
+                why = (f"{what} is applied more than once with the same weights; its channels cannot be tied to "
+                       "each call's input; leave them unpruned (strict=False)")
+                unsupported.setdefault(P, why)
+                unsupported.setdefault(R, why)
+            elif (rs == P).all() and (rp == np.arange(c_in)).all():
+                # P's channels are its own (any links it has lead to no producer, e.g. a
+                # broadcast of per-part statistics): R takes them over, one per offset.
+                if P in self._producer_spaces:
+                    self._links.setdefault(P, []).append(_Link(P, np.arange(c_in), R, np.arange(c_in) % width))
+                    self._producer_spaces[R] = list(self._producer_spaces[P])
+                    self._alias[R] = P
+            elif (rs.reshape(-1, width) == rs[:width]).all() and (rp.reshape(-1, width) == rp[:width]).all():
+                self._links.setdefault(R, []).append(_Link(R, np.arange(width), P, np.arange(width)))
+            else:
+                why = (f"{what} ties channel i of every part of width {width}, but its input's channels do not "
+                       "repeat with that period (they come from a concatenation, a slice, or a grouped convolution "
+                       "of another group count), so no channel can be removed at the same offset in every part; "
+                       "feed it from a plain conv, or leave these channels unpruned (strict=False)")
+                unsupported.setdefault(P, why)
+                unsupported.setdefault(R, why)
+            self._resolved.clear()
+            self._conflicts.clear()
+            self._conflict_roots.clear()
+
+    def check_rebuilt(self, model: nnx.Module, masks: Mapping[str, Any], policy: str = "inner"):
+        """Check that ``model``, rebuilt from the traced one without the masked channels, still
+        addresses the channels it kept.
+
+        A model's ``__call__`` runs unchanged after surgery, so a width or a position written
+        as a number (a slice ``x[..., :8]``, a split ``jnp.split(x, [6])``, a pad, a reshape,
+        a constant of the old width) would read the wrong channels or fail. The rebuilt model
+        is traced (abstractly) and every slice, split and pad must select exactly the kept
+        positions of what the original selected.
+
+        Raises:
+          CouplingError: naming the primitive, its source line and what to do.
+        """
+        fix = ("compute channel counts and positions from the input's shape or the layers' attributes "
+               "(e.g. jnp.split(x, 2, -1), x.reshape(x.shape[0], -1), self.conv.out_features), or leave the "
+               "channels it touches unpruned")
+        try:
+            new, _, _, _ = _trace(model, self.input_shape, self.batch)
+        except Exception as e:  # a shape error deep inside the user's __call__
+            first = str(e).splitlines()[0].rstrip(".") if str(e) else ""
+            raise CouplingError(
+                f"the model rebuilt without the removed channels fails in its own __call__ at {_user_frame(e)}: "
+                f"{type(e).__name__}: {first}. It probably hard-codes a channel count; {fix}."
+            ) from e
+        old = self._t.positional
+        if [q.kind for q in old] != [q.kind for q in new.positional]:
+            raise CouplingError(
+                "the model rebuilt without the removed channels runs a different program (its slices, splits and "
+                f"pads changed: {[q.kind for q in old]} -> {[q.kind for q in new.positional]}); {fix}."
+            )
+        keep_space = self._keep_by_space(masks, policy)
+        nodes = self._t.nodes
+
+        def keep(node):
+            k = self._space_keep(nodes.find(node), keep_space)
+            return np.ones(nodes.size[node], bool) if k is None else k
+
+        def rank(k):
+            return np.cumsum(k) - 1
+
+        for a, b in zip(old, new.positional):
+            bad = None
+            if a.kind == "split":
+                (node, _, sizes), (_, _, got) = a.axes[0], b.axes[0]
+                k = keep(node)
+                want = tuple(int(k[o:o + s].sum()) for o, s in zip(np.cumsum((0,) + sizes[:-1]), sizes))
+                if tuple(got) != want:
+                    bad = f"its parts should have {list(want)} channels, the rebuilt model's have {list(got)}"
+            for d, (ax, bx) in enumerate(zip(a.axes, b.axes)):
+                if bad is not None or a.kind == "split":
+                    break
+                k = keep(ax[0])
+                if new.nodes.size[bx[0]] != int(k.sum()):
+                    bad = f"axis {d} should have {int(k.sum())} entries, not {new.nodes.size[bx[0]]}"
+                    break
+                if a.kind == "slice":
+                    sel = np.arange(*ax[2])
+                    want = rank(k)[sel[k[sel]]]
+                    got = np.arange(*bx[2])
+                else:  # pad: the kept inputs land on the kept output positions
+                    lo, hi, interior = ax[2]
+                    dst = lo + np.arange(len(k)) * (interior + 1)
+                    ok = (dst >= 0) & (dst < nodes.size[ax[1]])
+                    kout = keep(ax[1])
+                    want = rank(kout)[dst[ok & k]]
+                    lo2, _, int2 = bx[2]
+                    dst2 = lo2 + np.arange(new.nodes.size[bx[0]]) * (int2 + 1)
+                    size2 = new.nodes.size[bx[1]]
+                    got = dst2[(dst2 >= 0) & (dst2 < size2)] if size2 == int(kout.sum()) else None
+                if got is None or not np.array_equal(want, got):
+                    bad = f"on axis {d} it should select the kept positions {want.tolist()}, not {ax[2]} -> {bx[2]}"
+            if bad is not None:
+                raise CouplingError(
+                    f"primitive '{a.kind}' at {a.where} addresses channels by fixed positions, which removing channels "
+                    f"moved: {bad}; {fix}."
+                )
+
     def _spaces_reaching(self, space: int) -> set[int]:
         """All spaces some of whose positions resolve to channels owned by ``space``."""
         found = {space}
-        for s in self._space_params:
+        for s in self._scan_spaces:
             rs, _ = self._resolve(s)
             if (rs == space).any():
                 found.add(s)
@@ -746,9 +1046,13 @@ class ChannelGraph:
         """For each group: one producer ``(kernel_path, axis)`` representing its space."""
         out = {}
         for name, space in self._group_space.items():
-            for p, axis in self._space_params.get(space, []):
-                if _module_of(p) in self.groups[name].producers and p.endswith("kernel"):
-                    out[name] = (p, axis)
+            for s in sorted(self._spaces_reaching(space), key=lambda s: s != space):
+                for p, axis in self._space_params.get(s, []):
+                    if (_module_of(p) in self.groups[name].producers and p.endswith("kernel")
+                            and axis == len(self.param_shapes[p]) - 1):
+                        out[name] = (p, axis)
+                        break
+                if name in out:
                     break
         return out
 
@@ -908,13 +1212,6 @@ class ChannelGraph:
                 f"{g.name:32s} {g.size:6d} {str(g.residual):>8s}  {', '.join(g.producers)} -> {', '.join(g.consumers)}"
             )
         return "\n".join(rows)
-
-
-def _first_index(producers, nodes, space) -> int:
-    for i, (n, _) in enumerate(producers):
-        if nodes.find(n) == space:
-            return i
-    return len(producers)
 
 
 def _check_policy(policy: str):

@@ -195,6 +195,9 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
     Raises:
       ValueError: unknown group, wrong mask length, a mask removing every channel of a
         group, or a group not prunable under ``policy``.
+      coupling.CouplingError: a model outside the registry whose ``__call__`` addresses
+        channels by fixed numbers (a literal slice, split, pad or reshape) that the removal
+        moved; the rebuilt model is traced and checked (:meth:`ChannelGraph.check_rebuilt`).
     """
     graph = graph or coupling.trace_channels(model)
     keeps = graph.keep_vectors(masks, policy)
@@ -209,7 +212,10 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
 
     spec = getattr(model, "spec", None)
     if not isinstance(spec, _registry.ModelSpec):
-        return _rebuild_in_place(graphdef, treedef, sliced)
+        new_model = _rebuild_in_place(graphdef, treedef, sliced)
+        if keeps:  # its own __call__ runs at the new widths: check it still reads the kept channels
+            graph.check_rebuilt(new_model, masks, policy)
+        return new_model
 
     new_spec = spec.replace_widths(new_widths(model, masks, policy, graph))
     abs_graphdef, abs_state = nnx.split(_registry.abstract_from_spec(new_spec))
@@ -238,7 +244,16 @@ def _rebuild_in_place(graphdef, treedef, sliced):
     for _, m in nnx.iter_modules(new_model):
         if isinstance(m, nnx.Conv):
             kernel = m.kernel.get_value().shape
-            m.in_features, m.out_features = int(kernel[-2]) * m.feature_group_count, int(kernel[-1])
+            groups = m.feature_group_count
+            if groups > 1 and groups == m.in_features:
+                # Depthwise (one group per input channel, ``out / in`` filters each): removing
+                # an input channel removes its filters and its group. A grouped conv (ResNeXt)
+                # keeps its group count: channels go at the same offset in every group.
+                groups = int(kernel[-1]) * m.in_features // m.out_features
+                m.feature_group_count = groups
+            m.in_features, m.out_features = int(kernel[-2]) * groups, int(kernel[-1])
+            if hasattr(m, "kernel_shape"):
+                m.kernel_shape = tuple(int(k) for k in kernel)
         elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = (int(s) for s in m.kernel.get_value().shape)
         elif isinstance(m, nnx.BatchNorm):
