@@ -136,6 +136,7 @@ SPEC_FILE = "spec.json"
 METADATA_FILE = "metadata.json"
 STATE_DIR = "state"
 LAYOUT_FILE = "state_layout.json"
+MODULE_FILE = "module.json"  # a user's own model: its class (its shapes are in the layout)
 LAYOUT_FORMAT = "ib_lasso_jax.state_layout"
 LAYOUT_VERSION = 2  # 2: a CRC-32 per array leaf; 1: no checksums, still read (unverified)
 _READABLE_LAYOUT_VERSIONS = (1, 2)
@@ -909,12 +910,17 @@ def save_model(
     metadata: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Atomically save a zoo model: its width spec, its full NNX state and optional metadata.
+    """Atomically save a model: its width spec (zoo models), its full NNX state and optional metadata.
+
+    A user's own NNX model (no ``model.spec``) is saved with ``module.json`` naming its class
+    instead of ``spec.json``; every array's shape is in the state layout, so
+    ``restore_model(path, like=MyNet(...))`` rebuilds it at the saved (e.g. pruned) widths.
 
     Args:
       path: the checkpoint directory to create or replace.
-      model: a zoo model (has ``model.spec``); its current variables are saved as they are
-        (train/eval mode is not recorded; :func:`restore_model` returns eval mode).
+      model: a zoo model (has ``model.spec``) or any NNX module; its current variables are
+        saved as they are (train/eval mode is not recorded; :func:`restore_model` returns eval
+        mode).
       metadata: optional JSON-serialisable data (e.g. a pruning report) for
         :func:`load_metadata`.
       overwrite: whether an existing checkpoint at ``path`` may be replaced.
@@ -926,10 +932,14 @@ def save_model(
       FileExistsError: ``path`` exists and ``overwrite`` is False (or it is not a checkpoint).
       ValueError: ``model`` has no ModelSpec or ``metadata`` is not JSON-serialisable.
     """
-    spec = _model_spec(model)
-    files: dict[str, Any] = {
-        SPEC_FILE: {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict()}
-    }
+    if isinstance(getattr(model, "spec", None), ModelSpec):
+        files: dict[str, Any] = {
+            SPEC_FILE: {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": model.spec.to_dict()}
+        }
+    else:  # a user's own module: the class for the error messages, the shapes are in the layout
+        cls = type(model)
+        files = {MODULE_FILE: {"format": FORMAT, "format_version": FORMAT_VERSION,
+                               "class": f"{cls.__module__}.{cls.__qualname__}"}}
     if metadata is not None:
         _dumps(metadata, "metadata")
         files[METADATA_FILE] = metadata
@@ -1010,20 +1020,33 @@ def _abstract_model(spec: ModelSpec, ckpt: Path) -> nnx.Module:
         ) from e
 
 
-def restore_model(path: str | os.PathLike) -> nnx.Module:
-    """Rebuild a saved zoo model, widths and all, with its saved variables, in eval mode.
+def restore_model(path: str | os.PathLike, *, like: nnx.Module | None = None) -> nnx.Module:
+    """Rebuild a saved model, widths and all, with its saved variables, in eval mode.
 
     Args:
       path: a model checkpoint directory written by :func:`save_model`.
+      like: for a user's own model (saved without a spec): an instance of the same module,
+        at any widths (e.g. the unpruned one); its structure is kept and every array takes the
+        saved shape and values, then the layers' size attributes follow
+        (:func:`ib_lasso_jax.surgery.sync_layer_sizes`). ``like`` itself is not modified.
 
     Returns:
-      The model (``model.spec`` as saved), set to eval mode (``model.eval()``).
+      The model (``model.spec`` as saved for a zoo model), set to eval mode (``model.eval()``).
 
     Raises:
-      CheckpointError: missing, not a model checkpoint, corrupted or truncated files, or
-        stored arrays whose shapes/dtypes do not fit the model built from the stored spec.
+      CheckpointError: missing, not a model checkpoint, corrupted or truncated files, stored
+        arrays whose shapes/dtypes do not fit the model built from the stored spec, a
+        user-model checkpoint without ``like``, or ``like`` of another structure (naming the
+        variables that differ).
     """
     ckpt = _resolve(path)
+    if like is not None:
+        return _restore_like(ckpt, like)
+    if not (ckpt / SPEC_FILE).is_file() and (ckpt / MODULE_FILE).is_file():
+        cls = _read_json(ckpt / MODULE_FILE).get("class", "?")
+        raise CheckpointError(
+            f"{str(ckpt)!r} holds a user-defined model ({cls}), not a zoo model: restore it with "
+            f"restore_model(path, like=<an instance of {cls.rsplit('.', 1)[-1]}>) (any widths)")
     spec = _spec_from_dir(ckpt)
     graphdef, abstract_state = nnx.split(_abstract_model(spec, ckpt))
     expected_from = (
@@ -1035,3 +1058,44 @@ def restore_model(path: str | os.PathLike) -> nnx.Module:
     model = nnx.merge(graphdef, abstract_state)
     model.eval()
     return model
+
+
+def _restore_like(ckpt: Path, like: nnx.Module) -> nnx.Module:
+    """:func:`restore_model` with a template module: its structure, the saved shapes and values."""
+    from ib_lasso_jax.surgery import sync_layer_sizes
+
+    layout = ckpt / LAYOUT_FILE
+    if not layout.is_file():
+        raise CheckpointError(f"{str(ckpt)!r} has no {LAYOUT_FILE}: restore_model(like=...) needs a "
+                              "checkpoint written by this version's save_model")
+    try:
+        _, leaves = _read_layout(layout)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {str(layout)!r} is not a valid state layout ({e})") from e
+    stored = {tuple(str(k) for _, k in leaf.path): leaf for leaf in leaves if leaf.empty is None}
+    graphdef, state = nnx.split(like)
+    pure = nnx.to_pure_dict(state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    names = [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in flat]
+    missing = sorted("/".join(n) for n in set(names) - set(stored))
+    unexpected = sorted("/".join(n) for n in set(stored) - set(names))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"like={type(like).__name__}(...) does not have the structure of the model saved in {str(ckpt)!r}: "
+            f"variables missing from the checkpoint: {missing[:_MAX_LISTED]}, in the checkpoint but not in like: "
+            f"{unexpected[:_MAX_LISTED]}; pass an instance of the saved module")
+    target = []
+    for n, (_, leaf) in zip(names, flat):
+        s = stored[n]
+        if len(s.shape) != np.ndim(leaf):
+            raise CheckpointError(f"variable {'/'.join(n)} is {len(s.shape)}-d in {str(ckpt)!r} but {np.ndim(leaf)}-d "
+                                  f"in like={type(like).__name__}(...); pass an instance of the saved module")
+        target.append(jax.ShapeDtypeStruct(tuple(s.shape), s.dtype))
+    expected_from = f"like={type(like).__name__}(...) at the checkpoint's shapes"
+    restored = _restore_state(ckpt / STATE_DIR, jax.tree_util.tree_unflatten(treedef, target), expected_from)
+    state = jax.tree_util.tree_map(lambda x: x, state)  # a copy: like keeps its own arrays
+    nnx.replace_by_pure_dict(state, restored)
+    model = sync_layer_sizes(nnx.merge(graphdef, state))
+    model.eval()
+    return model
+

@@ -37,6 +37,7 @@ __all__ = [
     "apply_masks",
     "full_masks",
     "new_widths",
+    "sync_layer_sizes",
     "width_map",
     "zero_channels",
 ]
@@ -238,9 +239,19 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
 
 def _rebuild_in_place(graphdef, treedef, sliced):
     """Models outside the registry: a copy with replaced arrays and layer sizes."""
-    new_model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, sliced))
     # merge builds new module objects, so the copy's size attributes can be set without
     # touching ``model``: every attribute that mirrors an array shape follows the sliced array.
+    return sync_layer_sizes(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, sliced)))
+
+
+def sync_layer_sizes(new_model: nnx.Module) -> nnx.Module:
+    """Set every ``nnx.Conv``/``Linear``/``BatchNorm`` size attribute from its arrays' shapes.
+
+    ``in_features``, ``out_features``, ``feature_group_count`` (depthwise convs),
+    ``kernel_shape`` and ``num_features`` follow the kernel and statistics arrays, so a module
+    whose arrays were replaced by narrower ones (surgery, or a restored pruned checkpoint)
+    describes itself correctly. Modifies and returns ``new_model``.
+    """
     for _, m in nnx.iter_modules(new_model):
         if isinstance(m, nnx.Conv):
             kernel = m.kernel.get_value().shape

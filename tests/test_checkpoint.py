@@ -630,7 +630,7 @@ def test_missing_and_not_a_checkpoint(tmp_path):
     a_file.write_text("x")
     with pytest.raises(checkpoint.CheckpointError, match="is a file"):
         checkpoint.restore_model(a_file)
-    with pytest.raises(ValueError, match="model.spec"):
+    with pytest.raises(ValueError, match="at least one array"):  # a user module with nothing to save
         checkpoint.save_model(tmp_path / "x", nnx.Dropout(0.5))
 
 

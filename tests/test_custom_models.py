@@ -81,3 +81,25 @@ def test_prune_user_model_takes_the_shape_from_the_calibration_data(method):
 def test_trace_without_shape_names_the_fix():
     with pytest.raises(ValueError, match="input_shape"):
         trace_channels(_model())
+
+
+def test_pruned_user_model_saves_and_restores_like_the_original(tmp_path):
+    """save_model of a pruned user model, restore_model(like=<the unpruned class>): same outputs."""
+    from ib_lasso_jax import checkpoint
+
+    net = _model()
+    x = np.random.default_rng(0).normal(size=(6, 16, 16, 1)).astype(np.float32)
+    y = np.arange(6) % 10
+    small, _ = prune(net, (x, y), "l1-norm", target_flops=0.4)
+    small.eval()
+    checkpoint.save_model(tmp_path / "m", small, metadata={"method": "l1-norm"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"user-defined model .*UserNet.*like="):
+        checkpoint.restore_model(tmp_path / "m")
+    like = UserNet(rngs=nnx.Rngs(1))
+    again = checkpoint.restore_model(tmp_path / "m", like=like)
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(small(x)))
+    assert counting.count(again, (16, 16, 1)).params == counting.count(small, (16, 16, 1)).params
+    assert again.res1.out_features == small.res1.out_features == again.bn1.num_features
+    assert like.res1.out_features == net.res1.out_features == 12  # the template is untouched
+    with pytest.raises(checkpoint.CheckpointError, match="does not have the structure"):
+        checkpoint.restore_model(tmp_path / "m", like=nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
