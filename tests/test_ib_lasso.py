@@ -239,3 +239,19 @@ def test_bad_option_values_are_refused_naming_option_value_and_valid(method, opt
         check_options(method, options)
     check_options(method, {"nonneg": True, "grid": 8, "lam_range": 1e-3, "structure_weight": 0, "mu": 0.5,
                            "maxiter": 10, "batch_size": 16, "inspect": "conv1"})  # a group name: checked by prune
+
+
+def test_graph_method_auto_takes_the_exact_prox_on_small_graphs_only(lenet, calib):
+    from ib_lasso_jax.methods.ib_lasso import EXACT_MAX_EDGES, graph_method_for
+
+    src, dst = np.triu_indices(30, k=1)  # 435 edges
+    dense = structures.class_graph_from_edges(src, dst, np.full(src.size, 0.9), 30)
+    small = structures.class_graph_from_edges([0, 1], [1, 2], [0.9, 0.8], 3)
+    assert dense.n_edges > EXACT_MAX_EDGES >= small.n_edges
+    assert graph_method_for({"graph_method": "auto"}, dense) == "smooth"
+    assert graph_method_for({"graph_method": "auto"}, small) == "exact"
+    assert graph_method_for({"graph_method": "exact"}, dense) == "exact"
+    _, r = prune(lenet, calib, "sglp-ib", target_flops=0.5, grid=8, maxiter=100)
+    assert r.info["graph_method"] == "exact"  # 10 classes: at most 45 + 10 edges
+    with pytest.raises(ValueError, match="graph_method must be one of auto, exact, smooth; got 'fista'"):
+        prune(lenet, calib, "sglp-ib", target_flops=0.5, graph_method="fista")
