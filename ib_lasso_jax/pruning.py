@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -345,6 +346,66 @@ def refine_to_target(masks, scores, reduction, target: float, tol: float, max_ro
     return masks
 
 
+def _check_calibration(calibration, model, input_shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` as arrays, checked against the model before any tracing or work."""
+    if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
+        raise ValueError(f"calibration must be a pair (images, labels) or None; got {type(calibration).__name__}"
+                         + (f" of length {len(calibration)}" if isinstance(calibration, (tuple, list)) else ""))
+    images, labels = (np.asarray(a) for a in calibration)
+    model_spec = getattr(model, "spec", None)
+    expected = tuple(int(s) for s in input_shape) if input_shape is not None else (
+        tuple(model_spec.input_shape) if model_spec is not None else None)
+    fix = "(ib_lasso_jax.data.load_dataset(..., image_size=...) and data.calibration_set give such batches)"
+    if expected is not None and images.ndim != len(expected) + 1:
+        batch = f"(N, {', '.join(map(str, expected))})"
+        raise ValueError(f"calibration images must be a {len(expected) + 1}-d batch {batch}; "
+                         f"got shape {images.shape} ({images.ndim}-d) {fix}")
+    if images.ndim < 2:
+        raise ValueError(f"calibration images must be a batch (N, ...) of at least 2 dims; got shape {images.shape}")
+    if expected is not None and images.shape[1:] != expected:
+        size = f"image_size={expected[0]}" if len(expected) == 3 and expected[0] == expected[1] else "image_size=..."
+        raise ValueError(f"calibration images have shape {images.shape}, i.e. {images.shape[1:]} per example; "
+                         f"the model expects {expected}: pad/resize them "
+                         f"(ib_lasso_jax.data.load_dataset(..., {size}))")
+    if images.shape[0] == 0:
+        raise ValueError(f"calibration images are empty (shape {images.shape}); give at least one example")
+    if images.dtype == np.uint8:
+        raise ValueError(f"calibration images are uint8 (range {int(images.min())}..{int(images.max())}), not the "
+                         "normalised float images the model was trained on: normalise them as the data module does "
+                         "(ib_lasso_jax.data datasets return normalised float32), e.g. "
+                         "(images / 255 - mean) / std")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"calibration images must be floating point (normalised float32); got dtype {images.dtype}")
+    if not np.isfinite(images).all():
+        bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+        raise ValueError(f"calibration images contain {bad} non-finite value(s) (NaN or inf); all must be finite")
+    lo, hi = float(images.min()), float(images.max())
+    if hi > 20:
+        warnings.warn(f"calibration images range over [{lo:g}, {hi:g}]: they look unnormalised (e.g. 0..255); "
+                      "the model expects images normalised as ib_lasso_jax.data does (divide by 255, then "
+                      "subtract the mean and divide by the std)", UserWarning, stacklevel=3)
+    n = images.shape[0]
+    if labels.ndim == 2 and labels.shape[0] == n and labels.shape[1] > 1:
+        raise ValueError(f"labels must be class indices of shape ({n},), not one-hot {labels.shape}: "
+                         "use labels.argmax(-1)")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be class indices of shape ({n},); got shape {labels.shape}")
+    if labels.shape[0] != n:
+        raise ValueError(f"calibration images ({n}) and labels ({labels.shape[0]}) differ in number")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    neg = np.flatnonzero(labels < 0)
+    if neg.size:
+        raise ValueError(f"labels must be class indices >= 0; labels[{int(neg[0])}] = {int(labels[neg[0]])}")
+    num_classes = getattr(model_spec, "num_classes", None)
+    if num_classes is not None:
+        over = np.flatnonzero(labels >= int(num_classes))
+        if over.size:
+            raise ValueError(f"labels must be class indices in [0, {int(num_classes)}) for this "
+                             f"{int(num_classes)}-class model; labels[{int(over[0])}] = {int(labels[over[0]])}")
+    return images, labels
+
+
 def prune(
     model: nnx.Module,
     calibration: tuple[np.ndarray, np.ndarray] | None,
@@ -406,9 +467,7 @@ def prune(
         policy = spec.default_policy or "inner"
     images = labels = None
     if calibration is not None:
-        images, labels = (np.asarray(a) for a in calibration)
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"calibration images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in number")
+        images, labels = _check_calibration(calibration, model, input_shape)
     elif spec.needs_data:
         raise ValueError(f"method {method!r} needs calibration data (images, labels)")
     if input_shape is None and getattr(model, "spec", None) is None and images is not None:

@@ -145,3 +145,68 @@ def test_baselines_refuse_unknown_options_and_bad_arguments_name_themselves():
         prune(lenet, None, "l1-norm", target_flops=0.5, round_to=1000)
     with pytest.raises(ValueError, match=r"cannot be met under the per-layer floor \(0\.9\)"):
         prune(lenet, None, "l1-norm", target_flops=0.5, floor=0.9, round_to=4)
+
+
+@pytest.fixture(scope="module")
+def small_lenet():
+    return create("lenet5", widths={"conv": [4, 8], "fc": [16, 16]}, rngs=0)  # (28, 28, 1), 10 classes
+
+
+def _mnist_like(n=20, shape=(28, 28, 1)):
+    return np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32), np.arange(n) % 10
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("wrong_shape", r"calibration images have shape \(20, 32, 32, 3\).*the model expects \(28, 28, 1\): "
+                    r"pad/resize them .*image_size=28"),
+    ("three_d", r"calibration images must be a 4-d batch \(N, 28, 28, 1\); got shape \(20, 28, 28\) \(3-d\)"),
+    ("one_hot", r"labels must be class indices of shape \(20,\), not one-hot \(20, 10\): use labels\.argmax\(-1\)"),
+    ("negative", r"labels must be class indices >= 0; labels\[3\] = -1"),
+    ("too_big", r"labels must be class indices in \[0, 10\) for this 10-class model; labels\[5\] = 10"),
+    ("uint8", r"calibration images are uint8 \(range 0\.\.255\).*normalise them as the data module does"),
+    ("nan", r"calibration images contain 1 non-finite value"),
+    ("int_labels", r"labels must be integer class indices; got dtype float"),
+])
+def test_calibration_data_is_checked_at_the_entry(small_lenet, monkeypatch, case, pattern):
+    from ib_lasso_jax import coupling
+
+    def no_tracing(*a, **k):
+        raise AssertionError("traced before checking the calibration data")
+
+    monkeypatch.setattr(coupling, "trace_channels", no_tracing)
+    x, y = _mnist_like()
+    if case == "wrong_shape":
+        x, _ = _mnist_like(shape=(32, 32, 3))
+    elif case == "three_d":
+        x = x[..., 0]
+    elif case == "one_hot":
+        y = np.eye(10, dtype=np.float32)[y]
+    elif case == "negative":
+        y = y.copy()
+        y[3] = -1
+    elif case == "too_big":
+        y = y.copy()
+        y[5] = 10
+    elif case == "uint8":
+        x = np.linspace(0, 255, x.size).reshape(x.shape).astype(np.uint8)
+    elif case == "nan":
+        x = x.copy()
+        x[1, 2, 3, 0] = np.nan
+    elif case == "int_labels":
+        y = y.astype(np.float32)
+    with pytest.raises(ValueError, match=pattern):
+        prune(small_lenet, (x, y), "hsic-lasso", target_flops=0.4)
+
+
+def test_calibration_shape_is_checked_against_an_explicit_input_shape(small_lenet):
+    x, y = _mnist_like()
+    with pytest.raises(ValueError, match=r"\(20, 28, 28, 1\).*the model expects \(16, 16, 1\)"):
+        prune(small_lenet, (x, y), "l1-norm", target_flops=0.4, input_shape=(16, 16, 1))
+
+
+def test_unnormalised_float_calibration_images_warn_naming_the_range(small_lenet):
+    x, y = _mnist_like()
+    x = np.linspace(0, 255, x.size, dtype=np.float32).reshape(x.shape)
+    with pytest.warns(UserWarning, match=r"calibration images range over \[0, 255\]: they look unnormalised"):
+        small, _ = prune(small_lenet, (x, y), "l1-norm", target_flops=0.4)
+    assert small(x[:2]).shape == (2, 10)
