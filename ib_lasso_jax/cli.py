@@ -66,21 +66,13 @@ def _model_from_args(args):
     return nnx.eval_shape(lambda: models.create(args.model, classes, shape))
 
 
-def _is_within(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def _refuse_overlap(args, flag: str, value: str, writes, valid: str) -> None:
     """ValueError unless every path the command writes is outside --checkpoint and does not hold it."""
     ckpt = Path(args.checkpoint).expanduser().resolve()  # resolve: a symlink must not hide an overlap
     for path in writes:
         real = path.expanduser().resolve()
-        how = ("is" if real == ckpt else "is inside" if _is_within(real, ckpt)
-               else "contains" if _is_within(ckpt, real) else None)
+        how = ("is" if real == ckpt else "is inside" if real.is_relative_to(ckpt)
+               else "contains" if ckpt.is_relative_to(real) else None)
         if how:
             raise ValueError(
                 f"{flag} {value!r} would overwrite the input --checkpoint {args.checkpoint!r}: {args.command} writes "
@@ -284,25 +276,10 @@ def _parse_option(text: str):
         return key, value
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # not every file system syncs directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(file: Path, text: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _publish_prune_output(out: Path) -> bool:
     """Move a complete ``OUT/.prune-pending`` into place (idempotent; True if there was one)."""
+    from ib_lasso_jax import checkpoint
+
     pending = out / PRUNE_PENDING
     if not pending.is_dir():
         return False
@@ -315,7 +292,7 @@ def _publish_prune_output(out: Path) -> bool:
         if model.exists() or model.is_symlink():
             os.rename(model, pending / "model.replaced")
         os.rename(new, model)
-    _fsync_dir(out)
+    checkpoint._fsync_dir(out)
     shutil.rmtree(pending)
     return True
 
@@ -417,8 +394,8 @@ def _prune_into(out: Path, args, floor, options: dict, extra: dict):
     # Everything is computed before anything is written; the output appears complete or not at all.
     with checkpoint.atomic_directory(out / PRUNE_PENDING) as tmp:
         checkpoint.save_model(tmp / "model", small, metadata=report.to_dict())
-        _write_file(tmp / "report.json", json.dumps(report.to_dict(), indent=1, default=str))
-        _write_file(tmp / "report.md", report.to_markdown())
+        checkpoint._write_text(tmp / "report.json", json.dumps(report.to_dict(), indent=1, default=str))
+        checkpoint._write_text(tmp / "report.md", report.to_markdown())
     _publish_prune_output(out)
     return report
 

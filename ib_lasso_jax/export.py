@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ib_lasso_jax import checkpoint
 from ib_lasso_jax.models._layers import native_convs
 
 __all__ = [
@@ -158,19 +159,6 @@ def _model_name(model: Any) -> str:
     return spec.name if spec is not None else type(model).__name__
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # not every file system syncs directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _target(out_file: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(out_file).expanduser()
     if path.is_dir():
@@ -195,7 +183,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    checkpoint._fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------

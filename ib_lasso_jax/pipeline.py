@@ -439,20 +439,12 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _is_within(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def check_workdir(config: PipelineConfig, workdir: str | os.PathLike) -> None:
     """Raise ValueError if ``workdir`` and ``config.checkpoint`` overlap (the input is never written)."""
     if config.checkpoint is not None:
         ckpt = Path(config.checkpoint).expanduser().resolve()
         wd = Path(workdir).expanduser().resolve()
-        if _is_within(wd, ckpt) or _is_within(ckpt, wd):
+        if wd.is_relative_to(ckpt) or ckpt.is_relative_to(wd):
             raise ValueError(f"workdir={str(workdir)!r} and config.checkpoint={config.checkpoint!r} overlap; the "
                              "input checkpoint is never written: use a workdir outside it (and not containing it)")
 
