@@ -17,33 +17,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import randomise_batchnorm
+from conftest import randomise_batchnorm, scaled_widths
 from ib_lasso_jax import checkpoint, export
 from ib_lasso_jax.models import create, default_widths
 from ib_lasso_jax.pruning import prune
-
-
-def _scaled(widths, div):
-    """Every integer width divided by ``div`` (at least 2)."""
-    if isinstance(widths, bool):
-        return widths
-    if isinstance(widths, int):
-        return max(2, widths // div)
-    if isinstance(widths, dict):
-        return {k: _scaled(v, div) for k, v in widths.items()}
-    if isinstance(widths, list):
-        return [_scaled(v, div) for v in widths]
-    return widths
-
 
 # vgg11 on 32x32x3: its last two convolutions run on 2x2 maps, the zoo's im2col case on a CPU.
 # resnet18 (32x32x3): the stem's 3x3/2 max pool with explicit padding 1.
 BASES = {
     "lenet5": lambda: create("lenet5", rngs=1),
-    "vgg11": lambda: create("vgg11", input_shape=(32, 32, 3), widths=_scaled(default_widths("vgg11"), 8), rngs=1),
-    "resnet20": lambda: create("resnet20", widths=_scaled(default_widths("resnet20"), 4), rngs=1),
-    "resnet18": lambda: create("resnet18", input_shape=(32, 32, 3), widths=_scaled(default_widths("resnet18"), 16),
-                               rngs=1),
+    "vgg11": lambda: create("vgg11", input_shape=(32, 32, 3), widths=scaled_widths(default_widths("vgg11"), 8), rngs=1),
+    "resnet20": lambda: create("resnet20", widths=scaled_widths(default_widths("resnet20"), 4), rngs=1),
+    "resnet18": lambda: create("resnet18", input_shape=(32, 32, 3),
+                               widths=scaled_widths(default_widths("resnet18"), 16), rngs=1),
 }
 CASES = ["lenet5", "vgg11", "resnet20", "lenet5-pruned", "vgg11-pruned", "resnet20-pruned"]
 _MODELS = {}

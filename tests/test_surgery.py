@@ -5,24 +5,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_masks, randomise_batchnorm
+from conftest import random_masks, randomise_batchnorm, scaled_widths
 from ib_lasso_jax import counting, surgery
 from ib_lasso_jax.coupling import trace_channels
 from ib_lasso_jax.models import available, create, default_widths
-
-
-def _scaled(widths, div):
-    """Every integer width divided by ``div`` (at least 2): the same structure, cheaper to run."""
-    if isinstance(widths, bool):
-        return widths
-    if isinstance(widths, int):
-        return max(2, widths // div)
-    if isinstance(widths, dict):
-        return {k: _scaled(v, div) for k, v in widths.items()}
-    if isinstance(widths, list):
-        return [_scaled(v, div) for v in widths]
-    return widths
-
 
 # Big models run at reduced widths / input sizes: structure (and so coupling) is unchanged.
 SETUP = {
@@ -36,7 +22,7 @@ SETUP = {
 
 def _model(name, seed=0):
     s = SETUP.get(name, {})
-    widths = _scaled(default_widths(name), s["div"]) if "div" in s else None
+    widths = scaled_widths(default_widths(name), s["div"]) if "div" in s else None
     return randomise_batchnorm(create(name, input_shape=s.get("input_shape"), widths=widths, rngs=seed), seed)
 
 
