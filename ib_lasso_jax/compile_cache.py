@@ -22,7 +22,11 @@ This module only chooses where it lives and when it is on:
 - ``IB_LASSO_JAX_COMPILE_CACHE=off`` (or ``0``, ``false``, ``no``) turns it off, another
   value is the directory to use; a ``JAX_COMPILATION_CACHE_DIR`` already set (e.g. by the
   test suite) is respected as is;
-- ``ib-lasso cache`` shows the location and size, ``ib-lasso cache --clear`` empties it.
+- ``ib-lasso cache`` shows the location and size, ``ib-lasso cache --clear`` empties it
+  (:func:`clear`), also while other processes are using it: it renames the directory away
+  first and deletes it there, and a process that enabled the cache here and finds it gone
+  recreates it (empty, private) and says so once, with a :class:`CompileCacheClearedWarning`,
+  instead of JAX's warning for every program it then fails to store.
 
 Entries are small (the demo's sGLP-IB pruning wrote 288 entries, 1.8 MB); the cache is not
 size-capped (JAX's cap needs the ``filelock`` package, which we do not depend on).
@@ -32,9 +36,14 @@ Benchmarks never call :func:`enable`: their first-call timings must include comp
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import uuid
+import warnings
 from pathlib import Path
 
-__all__ = ["DISABLE_VALUES", "ENV_VAR", "default_path", "enable", "location", "size"]
+__all__ = ["DISABLE_VALUES", "ENV_VAR", "CompileCacheClearedWarning", "clear", "default_path", "enable", "location",
+           "size"]
 
 ENV_VAR = "IB_LASSO_JAX_COMPILE_CACHE"
 DISABLE_VALUES = ("off", "0", "false", "no", "none")
@@ -96,6 +105,7 @@ def enable(path: str | os.PathLike | None = None, *, min_compile_secs: float = 0
         jax.config.update("jax_compilation_cache_dir", str(where))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_enable_compilation_cache", True)
+    _watch(where)
     # The cache is set up on the first compilation; a program compiled before this call
     # (e.g. by an import) would otherwise have pinned "no cache" for the process.
     compilation_cache.reset_cache()
@@ -109,3 +119,72 @@ def size(path: str | os.PathLike | None = None) -> tuple[int, int]:
         return 0, 0
     files = [p for p in where.iterdir() if p.is_file() and p.name.endswith("-cache")]
     return len(files), sum(p.stat().st_size for p in files)
+
+
+def clear(path: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Delete a cache directory (default: :func:`location`); returns the ``(entries, bytes)`` removed.
+
+    Safe while other processes use the cache: the directory is renamed away (atomic) and
+    deleted under its new name, so they see either the whole old cache or none of it, and
+    their new entries are not written into a directory being deleted. A process that
+    enabled it with :func:`enable` recreates it on its next write (one
+    :class:`CompileCacheClearedWarning`); leftovers of an interrupted clear are deleted too.
+    """
+    where = Path(path) if path is not None else location()
+    if where is None:
+        return 0, 0
+    entries, nbytes = size(where)
+    where = where.resolve()  # a symlinked cache: move its directory, keep the link
+    leftovers = sorted(where.parent.glob(f".{where.name}.cleared-*")) if where.parent.is_dir() else []
+    if where.is_dir():
+        trash = where.with_name(f".{where.name}.cleared-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(where, trash)
+        leftovers.append(trash)
+    for trash in leftovers:
+        shutil.rmtree(trash, ignore_errors=True)
+        if trash.exists():  # an entry a running process was writing when the directory moved: once more
+            shutil.rmtree(trash)
+    return entries, nbytes
+
+
+class CompileCacheClearedWarning(UserWarning):
+    """The compilation cache directory was deleted (e.g. ``ib-lasso cache --clear``) while this process used it."""
+
+
+# JAX warns once per program it cannot read or store (compiler._cache_read/_cache_write).
+_JAX_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry .*FileNotFoundError")
+_watched: dict = {"path": None, "told": False}
+
+
+def _watch(where: Path) -> None:
+    """Recreate ``where`` when it vanishes under this process, saying so once instead of JAX's warning per entry.
+
+    Hooked into ``warnings.showwarning``: JAX's cache has no other hook, and its directory is
+    created only when the cache is set up, so without this every later program would fail to
+    be stored, each with its own warning.
+    """
+    _watched["path"] = where
+    if getattr(warnings.showwarning, "_ib_lasso_cache_watch", False):
+        return
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        watched = _watched["path"]
+        text = str(message)
+        if watched is None or not _JAX_CACHE_ERROR.match(text) or (watched.is_dir() and str(watched) not in text):
+            return previous(message, category, filename, lineno, file, line)
+        try:
+            watched.resolve().mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:  # cannot recreate it: JAX's own warning tells what is wrong
+            return previous(message, category, filename, lineno, file, line)
+        if not _watched["told"]:
+            _watched["told"] = True
+            # Named by the directory (line 0: no source line), so it is one line also outside the command line.
+            warnings.warn_explicit(
+                f"the compilation cache {str(watched)!r} was cleared while this process was using it; "
+                "recreated it empty, and this process stores its programs there again",
+                CompileCacheClearedWarning, str(watched), 0, module=__name__)
+        return None
+
+    show._ib_lasso_cache_watch = True
+    warnings.showwarning = show

@@ -34,11 +34,13 @@ Work directory layout::
 
     workdir/
       config.json              the resolved config of the run
-      metrics.jsonl            one JSON line per `log_every_steps` (split "train") and per
-                               evaluation (split "eval")
+      metrics.jsonl            one JSON line per `log_every_steps` (split "train": loss and
+                               accuracy averaged over the steps since the previous train
+                               line) and per evaluation (split "eval")
       checkpoints/ckpt_<step>/ training checkpoints (checkpoint.save_pytree, atomic):
         train_state.json         step, data-iterator position (epoch, step), data seed,
-                                 model spec, config, eval metrics, best accuracy so far
+                                 model spec, config, eval metrics, best accuracy so far,
+                                 the sums of the train line in progress (log_window)
         state/                   orbax: params, other model variables (BatchNorm
                                  statistics, RNG state), optimiser state leaves, the
                                  small ones packed into one array per dtype
@@ -51,6 +53,12 @@ The last ``keep_checkpoints`` checkpoints and the best one (by eval accuracy) ar
 A run restarted with the same command resumes from the newest checkpoint and ends with
 the same parameters as an uninterrupted run: the batch at ``(epoch, step)`` is a pure
 function of ``(seed, epoch, step)`` and every other piece of state is in the checkpoint.
+Its ``metrics.jsonl`` is the uninterrupted run's too, but for ``time`` (wall-clock seconds
+since the process started training): lines past the restored step are dropped and written
+again with the same values, the first train line included (the checkpoint holds the loss
+and accuracy sums of the steps since the previous train line). A checkpoint written before
+it held them resumes to the same parameters, but that one train line averages only the
+steps after the resume and says so with ``"resumed": true``.
 A damaged newest checkpoint (unreadable, or an array whose checksum fails) is skipped with a
 :class:`DamagedCheckpointWarning` naming it and the older one resumed from; it is replaced
 when the run reaches its step again. A checkpoint of another model or config is refused
@@ -950,12 +958,21 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
 
     step, epoch_pos, best = 0, (0, 0), {"accuracy": None, "step": None}
     last_eval: dict | None = None
+    window, cut_window = None, False
     params, rest, opt_state, info, damaged = _restore_newest_intact(ckpt_dir, spec, config, params, rest, opt_state)
     if info is not None:
         step = int(info["step"])
         epoch_pos = (int(info["data"]["epoch"]), int(info["data"]["step"]))
         best = info.get("best", best)
         last_eval = info.get("eval")
+        # Python floats (exact float32 values) that add to the step's sums as the device window did.
+        window = info.get("log_window")
+        if not (isinstance(window, dict) and set(window) == {"loss_sum", "correct", "count"}
+                and all(isinstance(v, (int, float)) for v in window.values())):
+            window = None
+        saved_every = info.get("config", {}).get("log_every_steps") or config.log_every_steps
+        # An older checkpoint (no sums saved) inside a line's window: that line covers only the steps after it.
+        cut_window = window is None and info.get("log_window", 0) is not None and step % saved_every != 0
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log = _MetricsLog(workdir / METRICS_FILE, step)
@@ -966,12 +983,13 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
         return _evaluate_state(eval_graphdef, params, rest, dataset, dataset.eval_split, config.eval_batch_size,
                                spec.num_classes, mesh, config.eval_max_batches)
 
-    def save(step, epoch_pos, eval_metrics):
+    def save(step, epoch_pos, eval_metrics, window):
         if step in damaged and jax.process_index() == 0:  # skipped on resume: replaced, whatever is left of it
             for path in (ckpt_dir / _ckpt_name(step), ckpt_dir / f".{_ckpt_name(step)}.old"):
                 shutil.rmtree(path, ignore_errors=True)
         info = {"data": {"epoch": epoch_pos[0], "step": epoch_pos[1], "seed": config.seed},
-                "model_spec": spec.to_dict(), "config": config.to_dict(), "eval": eval_metrics, "best": best}
+                "model_spec": spec.to_dict(), "config": config.to_dict(), "eval": eval_metrics, "best": best,
+                "log_window": None if window is None else {k: float(v) for k, v in jax.device_get(window).items()}}
         _save_checkpoint(ckpt_dir, step, params, rest, opt_state, info, config.keep_checkpoints, best["step"])
 
     start_time = time.time()
@@ -980,7 +998,6 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
                              augment=config.augment, epoch=epoch_pos[0], step=epoch_pos[1],
                              num_epochs=num_epochs, shard_index=shard_index, num_shards=num_shards,
                              prefetch=config.prefetch)
-        window = None
         bar = _progress_bar(config, total_steps, step, f"{spec.name} {config.dataset}")
         try:
             while step < total_steps:
@@ -996,6 +1013,9 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
                     rec = {"split": "train", "step": step, "epoch": round(epoch, 4),
                            "loss": w["loss_sum"] / w["count"], "accuracy": w["correct"] / w["count"],
                            "learning_rate": float(schedule(step - 1)), "time": round(time.time() - start_time, 3)}
+                    if cut_window:
+                        rec["resumed"] = True
+                        cut_window = False
                     log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", refresh=False)
                     window = None
@@ -1014,7 +1034,7 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
                 ckpt_now = (epoch_end or step == total_steps or eval_now
                             or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
                 if ckpt_now:
-                    save(step, epoch_pos, eval_metrics)
+                    save(step, epoch_pos, eval_metrics, window)
                 if on_step is not None:
                     on_step(step)
         finally:
