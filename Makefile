@@ -34,7 +34,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ib_lasso_jax tests experiments
 
+# torch comes with the test extra (the reference modules of tests/torch_reference.py): a broken
+# install must fail here, not skip the PyTorch comparisons.
 test: lint
+	$(RUN) -c "import torch, safetensors"
 	$(RUN) -m pytest -q -p no:cacheprovider --doctest-modules ib_lasso_jax
 	$(PYTEST) --durations=25 tests
 
