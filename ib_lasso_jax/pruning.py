@@ -14,12 +14,16 @@ rule and go through the same search.
 
 Targets are *reductions*: ``target_flops=0.6`` removes 60% of the FLOPs (the papers'
 "FLOPs -61%"). Or give ``keep_ratios`` (one float, or a ratio per group) explicitly.
+``target_latency=0.5`` halves the latency predicted by a per-layer latency table measured on
+this backend (:mod:`ib_lasso_jax.latency`, NetAdapt / HALP style): the same search, with the
+predicted latency in place of the FLOPs counter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -158,10 +162,19 @@ class PruneReport:
     info: dict[str, Any]
     widths_before: Any = None
     widths_after: Any = None
+    # Predicted seconds per forward pass at info["latency"]["batch"] (target_latency only).
+    predicted_latency_before: float | None = None
+    predicted_latency_after: float | None = None
 
     @property
     def flops_reduction(self) -> float:
         return 1.0 - self.flops_after / self.flops_before
+
+    @property
+    def predicted_latency_reduction(self) -> float | None:
+        if self.predicted_latency_before is None or self.predicted_latency_after is None:
+            return None
+        return 1.0 - self.predicted_latency_after / self.predicted_latency_before
 
     @property
     def params_reduction(self) -> float:
@@ -171,6 +184,8 @@ class PruneReport:
         d = dataclasses.asdict(self)
         d["flops_reduction"] = self.flops_reduction
         d["params_reduction"] = self.params_reduction
+        if self.predicted_latency_reduction is not None:
+            d["predicted_latency_reduction"] = self.predicted_latency_reduction
         return d
 
     def to_markdown(self) -> str:
@@ -182,6 +197,10 @@ class PruneReport:
             f"(-{100 * self.params_reduction:.1f}%)",
             f"- FLOPs: {counting.human(self.flops_before)} -> {counting.human(self.flops_after)} "
             f"(-{100 * self.flops_reduction:.1f}%)",
+            *([f"- predicted latency (batch {self.info.get('latency', {}).get('batch')}): "
+               f"{1e3 * self.predicted_latency_before:.3f} ms -> {1e3 * self.predicted_latency_after:.3f} ms "
+               f"(-{100 * self.predicted_latency_reduction:.1f}%)"] if self.predicted_latency_reduction is not None
+              else []),
             f"- search knob: {self.knob}",
             f"- time: {self.seconds:.1f} s",
             "",
@@ -413,6 +432,7 @@ def prune(
     *,
     target_flops: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
     keep_ratios: float | Mapping[str, float] | None = None,
     policy: str | None = None,
     floor: int | float = 0.05,
@@ -420,6 +440,9 @@ def prune(
     seed: int = 0,
     round_to: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    latency_batch: int = 1,
+    latency_grid: int = 3,
+    latency_cache: str | os.PathLike | bool | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, PruneReport]:
     """Prune ``model`` with ``method`` to a target; returns ``(smaller_model, report)``.
@@ -431,6 +454,10 @@ def prune(
       method: a registered method name (see :func:`available_methods`).
       target_flops: fraction of FLOPs to remove, in (0, 1).
       target_params: fraction of params to remove, in (0, 1).
+      target_latency: fraction of latency to remove, in (0, 1): of the latency predicted by a
+        per-layer table measured on this backend at ``latency_batch``
+        (:func:`ib_lasso_jax.latency.build_table`; measured once, then read from its cache).
+        Measure the pruned model with :func:`ib_lasso_jax.latency.measure` to compare.
       keep_ratios: explicit keep ratio (one float for every group, or per group name).
       policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``; default: the
         method's own default (``"inner"`` for most).
@@ -443,6 +470,10 @@ def prune(
         tolerance cannot be met). ``None``: any count.
       input_shape: one example's shape, for tracing; default: ``model.spec.input_shape`` for a
         zoo model, else the calibration images' shape.
+      latency_batch: ``target_latency``'s batch size (a positive int).
+      latency_grid: ``target_latency``'s table grid points per width axis (an int >= 2).
+      latency_cache: where latency tables are cached: a directory, None (the default location,
+        see :func:`ib_lasso_jax.latency.cache_location`) or False (measure every time).
       **options: method-specific options.
 
     Returns:
@@ -453,9 +484,12 @@ def prune(
     if method not in _METHODS:
         raise ValueError(f"unknown pruning method {method!r}; valid methods are: {', '.join(sorted(_METHODS))}")
     given = [k for k, v in (("target_flops", target_flops), ("target_params", target_params),
-                            ("keep_ratios", keep_ratios)) if v is not None]
+                            ("target_latency", target_latency), ("keep_ratios", keep_ratios)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of target_flops, target_params, keep_ratios; got {given or 'none'}")
+        raise ValueError("give exactly one of target_flops, target_params, target_latency, keep_ratios; "
+                         f"got {given or 'none'}")
+    if target_latency is not None:
+        _check_latency_args(target_latency, latency_batch, latency_grid, latency_cache)
     for name, value in (("target_flops", target_flops), ("target_params", target_params)):
         if value is not None and not (0.0 < float(value) < 1.0):
             raise ValueError(f"{name} is the fraction to remove and must be in (0, 1); got {value!r}")
@@ -490,8 +524,22 @@ def prune(
         ctx.model = model
     count = counting.MaskedCounter(model, graph, policy)
     params0, flops0 = count({})
+    predict = latency0 = None
+    if target_latency is not None:  # the table stands in for the FLOPs counter in the search
+        from ib_lasso_jax import latency
+
+        table = latency.build_table(model, graph, policy, batch=latency_batch, grid=latency_grid, round_to=round_to,
+                                    input_shape=graph.input_shape, cache=latency_cache)
+        predict = latency.LatencyPredictor(table, graph, policy)
+        latency0 = predict({})
+        ctx.info["latency"] = {"batch": table.batch, "grid": latency_grid, "measured_full_s": table.full_s,
+                               "residual_s": table.residual_s, "table_seconds": table.build_seconds,
+                               "from_cache": table.from_cache, "cache_file": None if table.path is None
+                               else str(table.path)}
 
     def reduction(masks):
+        if predict is not None:
+            return 1 - predict(masks) / latency0
         p, f = count(masks)
         return (1 - f / flops0) if target_params is None else (1 - p / params0)
 
@@ -512,12 +560,12 @@ def prune(
                     raise ValueError(f"keep ratios must be in (0, 1]; got {r!r}")
             masks = round_masks(masks_from_scores(scores, ratios, floors), scores, round_to, floors)
         else:
-            target = float(target_flops if target_flops is not None else target_params)
+            target = _target_value(target_flops, target_params, target_latency)
             fewest = masks_from_scores(scores, 0.0, floors)
             most = reduction(round_masks(fewest, scores, round_to, floors))
             if most < target * (1 - tolerance):
                 _unreachable(target, target * (1 - tolerance), most, reduction(fewest), floor, round_to,
-                             "keeping only the floor")
+                             "keeping only the floor", predict)
             knob, _, iters = search_knob(
                 lambda r: reduction(round_masks(masks_from_scores(scores, r, floors), scores, round_to, floors)),
                 target, 0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
@@ -537,12 +585,13 @@ def prune(
             if hasattr(select0, attr):
                 setattr(select, attr, getattr(select0, attr))
         if keep_ratios is not None:
-            raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops or target_params")
-        target = float(target_flops if target_flops is not None else target_params)
+            raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops, target_params "
+                             "or target_latency")
+        target = _target_value(target_flops, target_params, target_latency)
         most = reduction(select(hi))
         if most < target * (1 - tolerance):
             _unreachable(target, target * (1 - tolerance), most, reduction(select0(hi)), floor, round_to,
-                         "the strongest setting")
+                         "the strongest setting", predict)
         knob, _, iters = search_knob(lambda k: reduction(select(k)), target, lo, hi, tol=tolerance,
                                      increasing=True, log=log, max_iter=30)
         masks = select(knob)
@@ -552,6 +601,9 @@ def prune(
             knob = select.knob_value(knob)
         ctx.info["search_iterations"] = iters
 
+    if predict is not None:  # the layers' share, to compare with the measured pruned model
+        ctx.info["latency"]["layers_before_s"] = latency0 - predict.table.residual_s
+        ctx.info["latency"]["layers_after_s"] = predict(masks) - predict.table.residual_s
     small = surgery.apply_masks(model, masks, policy, graph)
     if spec.finalize is not None:  # e.g. weight reconstruction
         small = spec.finalize(ctx, small, masks)
@@ -559,7 +611,7 @@ def prune(
     report = PruneReport(
         method=method,
         policy=policy,
-        target={k: v for k, v in (("flops", target_flops), ("params", target_params),
+        target={k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency),
                                    ("keep_ratios", keep_ratios)) if v is not None},
         knob=knob,
         groups={n: {"before": g.size, "after": int(masks[n].sum()) if n in masks else g.size}
@@ -572,12 +624,44 @@ def prune(
         info=ctx.info,
         widths_before=getattr(getattr(model, "spec", None), "widths", None),
         widths_after=getattr(getattr(small, "spec", None), "widths", None),
+        predicted_latency_before=latency0,
+        predicted_latency_after=None if predict is None else predict(masks),
     )
     return small, report
 
 
-def _unreachable(target: float, reach: float, most: float, unrounded: float, floor, round_to, how: str):
-    """ValueError blaming what keeps the target out of reach: the rounding if the unrounded masks reach it."""
+def _target_value(target_flops, target_params, target_latency) -> float:
+    return float(next(t for t in (target_flops, target_params, target_latency) if t is not None))
+
+
+def _check_latency_args(target_latency, batch, grid, cache) -> None:
+    """ValueError naming a bad ``target_latency`` option, its value and what is valid."""
+    t = target_latency
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not (0.0 < float(t) < 1.0):
+        raise ValueError(f"target_latency={t!r} is not valid; valid values: the fraction of latency to remove, a "
+                         "number in (0, 1) (e.g. 0.5 halves the predicted latency)")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"latency_batch={batch!r} is not valid; valid values: a positive int (the batch size the "
+                         "latency is measured at, e.g. 1 or 64)")
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2:
+        raise ValueError(f"latency_grid={grid!r} is not valid; valid values: an int >= 2 (grid points per width "
+                         "axis of the latency table, e.g. 4)")
+    if not (cache is None or isinstance(cache, (bool, str, os.PathLike))):
+        raise ValueError(f"latency_cache={cache!r} is not valid; valid values: a directory (str or path), None "
+                         "(the default cache location) or False (no cache)")
+
+
+def _unreachable(target: float, reach: float, most: float, unrounded: float, floor, round_to, how: str,
+                 predict=None):
+    """ValueError blaming what keeps the target out of reach: the rounding if the unrounded masks reach it,
+    and for a latency target the part of the latency no width changes."""
+    if predict is not None and not (round_to is not None and int(round_to) > 1 and unrounded >= reach):
+        table = predict.table
+        raise ValueError(
+            f"target_latency {target:.3f} cannot be met: {how} (floor {floor!r}) removes {most:.3f} of the predicted "
+            f"latency ({1e3 * table.full_s:.3f} ms at batch {table.batch}, of which {1e3 * table.residual_s:.3f} ms "
+            "is the part no width changes: pooling, residual adds, per-op overhead); valid values: a lower "
+            "target_latency, a lower floor, or a larger latency_batch (per-call overhead weighs less)")
     if round_to is not None and int(round_to) > 1 and unrounded >= reach:
         raise ValueError(
             f"target {target:.3f} cannot be met with round_to={round_to!r}: {how} and rounding every group up to a "
