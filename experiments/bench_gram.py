@@ -2,7 +2,7 @@
 
 One layer: C = 512 channels, 4x4 maps (D = 16), N = 500 samples, 10 classes (R1 responses),
 random post-ReLU-like features. For each kernel it prints the time (median of repeats, after
-compilation), the *useful* FLOPs (:func:`ib_lasso_jax.kernels.gram_flops`: every distinct
+compilation), the *useful* FLOPs (:func:`ib_lasso_jax.lasso.gram.gram_flops`: every distinct
 quantity once, both symmetries taken, so this is a lower bound on any implementation's work),
 the achieved GFLOP/s, and that rate as a fraction of a jitted float32 matmul measured in the
 same run (target: >= 0.5). It also prints the temporary memory XLA allocates for the chunked
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ib_lasso_jax import kernels as kk
+from ib_lasso_jax.lasso import gram as kk
 
 
 def timed(fn, *args, repeats=5):

@@ -39,14 +39,14 @@ def _median_time(fn, repeats=5):
 
 
 def bench_grid(channels=256, classes=10, n=200, grid=64):
-    from ib_lasso_jax import kernels
-    from ib_lasso_jax.methods.ib_lasso import solve_grid
-    from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
+    from ib_lasso_jax.lasso import gram
+    from ib_lasso_jax.lasso.solvers import StructuredLasso, gram_lipschitz
+    from ib_lasso_jax.pruning.methods.ib_lasso import solve_grid
 
     rng = np.random.default_rng(0)
     y = np.arange(n) % classes
     F = rng.normal(size=(n, channels, 16)).astype(np.float32) + 0.3 * y[:, None, None]
-    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, classes), "laplacian")
+    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(y, classes), "laplacian")
     Qp, lip = gram_lipschitz(Q)
     solver = StructuredLasso("lasso", nonneg=True, maxiter=500)
     lams = np.geomspace(1e-4, 1.0, grid) * float(np.max(np.asarray(P)))
@@ -77,9 +77,9 @@ def bench_grid(channels=256, classes=10, n=200, grid=64):
 def bench_network(n_per_class=13, full_reference=False, target=0.6):
     from sklearn.linear_model import Lasso
 
-    from ib_lasso_jax import kernels
-    from ib_lasso_jax.coupling import trace_channels
-    from ib_lasso_jax.features import collect_features
+    from ib_lasso_jax.graph.coupling import trace_channels
+    from ib_lasso_jax.graph.features import collect_features
+    from ib_lasso_jax.lasso import gram
     from ib_lasso_jax.models import create
     from ib_lasso_jax.pruning import prune
 
@@ -119,8 +119,8 @@ def bench_network(n_per_class=13, full_reference=False, target=0.6):
     def reference_step(lam):
         kept = {}
         for name, gf in feats.items():
-            K = np.asarray(kernels.channel_kernels(gf.features, "laplacian", normalize=True))  # (C, N, N)
-            L = np.asarray(kernels.channel_kernels(gf.response[:, None, :], "laplacian", normalize=True))[0]
+            K = np.asarray(gram.channel_kernels(gf.features, "laplacian", normalize=True))  # (C, N, N)
+            L = np.asarray(gram.channel_kernels(gf.response[:, None, :], "laplacian", normalize=True))[0]
             X = K.reshape(K.shape[0], -1).T  # the N^2 x C design matrix
             fit = Lasso(alpha=lam / X.shape[0], positive=True, fit_intercept=False, max_iter=1000)
             fit.fit(X, L.reshape(-1))

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import counting, models
+from ib_lasso_jax import models
+from ib_lasso_jax.graph import counting
 from ib_lasso_jax.pruning import prune
 
 INPUT_SHAPE = (32, 32, 3)

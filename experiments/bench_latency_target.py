@@ -2,10 +2,10 @@
 
 For each model (CIFAR input 32x32x3, 10 classes, random weights: latency does not depend on the
 values) and batch size, ``prune(model, None, method, target_latency=...)`` builds the per-layer
-latency table on this backend at that batch (:func:`ib_lasso_jax.latency.build_table`; a fresh
+latency table on this backend at that batch (:func:`ib_lasso_jax.deploy.latency.build_table`; a fresh
 cache directory per run, so the table is measured, not read back), searches the widths whose
 *predicted* latency meets the target, and the pruned model is then *measured* against the
-original (:func:`ib_lasso_jax.latency.compare`, interleaved samples). Columns:
+original (:func:`ib_lasso_jax.deploy.latency.compare`, interleaved samples). Columns:
 
 * table s: the time to build the table (every grid point compiled and timed, the whole model timed);
 * predicted / measured ms: the pruned model's latency as the table predicts it, and as measured;
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import jax
 
-from ib_lasso_jax import latency, models
+from ib_lasso_jax import models
+from ib_lasso_jax.deploy import latency
 from ib_lasso_jax.pruning import prune
 
 INPUT_SHAPE = (32, 32, 3)

@@ -46,7 +46,7 @@ def bench_ours(name: str, batch: int, warmup: int, steps: int) -> dict:
     from flax import nnx
 
     from ib_lasso_jax import models
-    from ib_lasso_jax.training import make_train_step
+    from ib_lasso_jax.train.training import make_train_step
 
     widths = VGG11 if name == "vgg11" else None
     model = models.create(name, num_classes=10, input_shape=(32, 32, 3), widths=widths, rngs=0)

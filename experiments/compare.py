@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
-from ib_lasso_jax.features import penultimate_features  # noqa: E402
+from ib_lasso_jax.graph import counting
+from ib_lasso_jax.graph.features import penultimate_features  # noqa: E402
 from ib_lasso_jax.pruning import available_methods, prune  # noqa: E402
-from ib_lasso_jax.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate  # noqa: E402
+from ib_lasso_jax.train.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate  # noqa: E402
 
 MODELS = {"vgg": "mnist5k_vgg", "resnet20": "mnist5k_resnet20"}
 

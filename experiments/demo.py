@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import load as load_config  # noqa: E402
 
-from ib_lasso_jax import checkpoint, compile_cache, counting  # noqa: E402
+from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
-from ib_lasso_jax.pipeline import SMOKE_METHOD_OPTIONS  # noqa: E402
+from ib_lasso_jax.experiment.pipeline import SMOKE_METHOD_OPTIONS  # noqa: E402
+from ib_lasso_jax.graph import counting
 from ib_lasso_jax.pruning import prune  # noqa: E402
-from ib_lasso_jax.training import (  # noqa: E402
+from ib_lasso_jax.train.training import (  # noqa: E402
     checkpoint_model_spec,
     evaluate,
     finetune,

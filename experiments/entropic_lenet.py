@@ -24,7 +24,7 @@ from configs import load as load_config  # noqa: E402
 from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
-from ib_lasso_jax.training import evaluate, train_and_evaluate  # noqa: E402
+from ib_lasso_jax.train.training import evaluate, train_and_evaluate  # noqa: E402
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 
 INPUT_SHAPE = (8, 8, 3)
 NUM_CLASSES = 10

@@ -22,7 +22,7 @@ train, finetune, evaluate, prune and run keep compiled XLA programs on disk
 with --no-compile-cache or IB_LASSO_JAX_COMPILE_CACHE=off (see ib_lasso_jax.compile_cache).
 
 Nothing is lost: train, finetune, run and prune hold a lock on their --workdir/--out
-(DIR/.lock, see ib_lasso_jax.workdir_lock), so a second command there stops at once;
+(DIR/.lock, see ib_lasso_jax.experiment.workdir_lock), so a second command there stops at once;
 finetune and prune never write into, over or around their --checkpoint; prune replaces
 none of OUT/model, OUT/report.json, OUT/report.md without --overwrite, and its output
 appears complete (a rerun finishes one interrupted while being moved into place).
@@ -42,7 +42,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ib_lasso_jax.workdir_lock import LOCK_FILE, WorkdirLockedError
+from ib_lasso_jax.experiment.workdir_lock import LOCK_FILE, WorkdirLockedError
 
 __all__ = ["main"]
 
@@ -51,7 +51,7 @@ __all__ = ["main"]
 # OUT/.prune-pending once complete, then moved into place; a rerun finishes a pending one.
 PRUNE_OUTPUTS = ("model", "report.json", "report.md")
 PRUNE_PENDING = ".prune-pending"
-# What train and finetune write in their --workdir (see ib_lasso_jax.training).
+# What train and finetune write in their --workdir (see ib_lasso_jax.train.training).
 _TRAIN_OUTPUTS = ("model", ".model.old", "checkpoints", "config.json", "metrics.jsonl", LOCK_FILE)
 
 
@@ -109,7 +109,7 @@ def _workdir_lock(args, flag: str, directory: str):
     """
     import jax
 
-    from ib_lasso_jax import workdir_lock
+    from ib_lasso_jax.experiment import workdir_lock
 
     path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
@@ -139,7 +139,7 @@ def _check_train_workdir(args) -> None:
 
 
 def _cmd_count(args) -> int:
-    from ib_lasso_jax import counting
+    from ib_lasso_jax.graph import counting
 
     model = _model_from_args(args)
     c = counting.count(model, convention=args.convention)
@@ -156,7 +156,8 @@ def _cmd_count(args) -> int:
 def _cmd_models(args) -> int:
     from flax import nnx
 
-    from ib_lasso_jax import counting, models
+    from ib_lasso_jax import models
+    from ib_lasso_jax.graph import counting
 
     print(f"{'model':10s} {'dataset':13s} {'params':>10s} {'FLOPs':>10s}  description")
     for name in models.available():
@@ -170,7 +171,7 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_groups(args) -> int:
-    from ib_lasso_jax.coupling import trace_channels
+    from ib_lasso_jax.graph.coupling import trace_channels
 
     model = _model_from_args(args)
     graph = trace_channels(model, strict=False)
@@ -209,7 +210,7 @@ def _experiment_configs():
 
 
 def _load_config(args):
-    from ib_lasso_jax.training import TrainConfig
+    from ib_lasso_jax.train.training import TrainConfig
 
     config = _experiment_configs().load(args.config) if args.config else TrainConfig()
     config = config.override(args.set or [])
@@ -229,7 +230,7 @@ def _print_result(result, as_json):
 
 
 def _cmd_train(args) -> int:
-    from ib_lasso_jax import parallel, training
+    from ib_lasso_jax.train import parallel, training
 
     parallel.maybe_initialize_distributed()
     config = _load_config(args)
@@ -240,7 +241,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from ib_lasso_jax import checkpoint, parallel, training
+    from ib_lasso_jax import checkpoint
+    from ib_lasso_jax.train import parallel, training
 
     _check_train_workdir(args)
     parallel.maybe_initialize_distributed()
@@ -256,8 +258,9 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from ib_lasso_jax import checkpoint, training
+    from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import load_dataset
+    from ib_lasso_jax.train import training
 
     model = checkpoint.restore_model(args.checkpoint)
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
@@ -382,7 +385,7 @@ def _prune_into(out: Path, args, floor, options: dict, extra: dict):
     from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import calibration_set, load_dataset
     from ib_lasso_jax.pruning import prune
-    from ib_lasso_jax.training import reestimate_batchnorm
+    from ib_lasso_jax.train.training import reestimate_batchnorm
 
     for stale in out.glob(f".{PRUNE_PENDING}.tmp-*"):  # a killed run's staging (atomic_directory's naming)
         shutil.rmtree(stale, ignore_errors=True)
@@ -418,7 +421,8 @@ def _load_pipeline_config(name: str):
 
 
 def _cmd_run(args) -> int:
-    from ib_lasso_jax import parallel, pipeline
+    from ib_lasso_jax.experiment import pipeline
+    from ib_lasso_jax.train import parallel
 
     parallel.maybe_initialize_distributed()
     config = _load_pipeline_config(args.config).override(args.set or [])
@@ -476,7 +480,8 @@ def _library_warnings_as_lines(command: str):
 
 
 def _cmd_export(args) -> int:
-    from ib_lasso_jax import checkpoint, export
+    from ib_lasso_jax import checkpoint
+    from ib_lasso_jax.deploy import export
 
     out = Path(args.out).expanduser()
     _refuse_overlap(args, "--out", args.out, [out], "a file outside the checkpoint directory")
@@ -581,7 +586,8 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_latency(args) -> int:
-    from ib_lasso_jax import checkpoint, latency, models
+    from ib_lasso_jax import checkpoint, models
+    from ib_lasso_jax.deploy import latency
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--original", args.original)):
         if value is not None and not Path(value).expanduser().is_dir():

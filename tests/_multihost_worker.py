@@ -15,7 +15,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ib_lasso_jax import parallel  # noqa: E402
+from ib_lasso_jax.train import parallel  # noqa: E402
 
 parallel.maybe_initialize_distributed()
 mesh = parallel.data_mesh()

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import checkpoint, training
+from ib_lasso_jax import checkpoint
 from ib_lasso_jax.checkpoint import CheckpointError
 from ib_lasso_jax.cli import main
 from ib_lasso_jax.models import create
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train import training
+from ib_lasso_jax.train.training import TrainConfig
 
 TINY_LENET = {"conv": [4, 8], "fc": [16, 16]}
 

@@ -321,12 +321,12 @@ def test_a_read_only_output_or_work_folder_is_one_line(name, tmp_path, capsys, m
 
 
 def test_a_permission_error_deep_inside_is_one_line(tmp_path, capsys, monkeypatch):
-    import ib_lasso_jax.training
+    import ib_lasso_jax.train.training
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/data/checkpoints/ckpt_000000003")
 
-    monkeypatch.setattr(ib_lasso_jax.training, "train_and_evaluate", denied)
+    monkeypatch.setattr(ib_lasso_jax.train.training, "train_and_evaluate", denied)
     assert main(_command("train", tmp_path, tmp_path / "w")) == 2
     err = _one_error_line(capsys, "train")
     assert "'/data/checkpoints/ckpt_000000003'" in err and "Permission denied" in err, err
@@ -444,9 +444,9 @@ def test_bad_training_settings_are_one_line(assignment, named, tmp_path, capsys,
     ('prune.options.nonneg="maybe"', "nonneg='maybe'"),
 ])
 def test_run_checks_the_prune_options_before_training(assignment, named, tmp_path, capsys, monkeypatch):
-    import ib_lasso_jax.training
+    import ib_lasso_jax.train.training
 
-    monkeypatch.setattr(ib_lasso_jax.training, "train_and_evaluate",
+    monkeypatch.setattr(ib_lasso_jax.train.training, "train_and_evaluate",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained before checking")))
     assert main(["run", "mnist5k_vgg_sglp", "--workdir", str(tmp_path / "w"), "--smoke", "--no-progress",
                  "--set", assignment]) == 2

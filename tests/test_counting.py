@@ -3,7 +3,7 @@
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import counting
+from ib_lasso_jax.graph import counting
 from ib_lasso_jax.models import create
 
 # (model, dataset shape, classes): published params, published FLOPs (MACs).

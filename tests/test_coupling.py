@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ib_lasso_jax.coupling import CouplingError, trace_channels
+from ib_lasso_jax.graph.coupling import CouplingError, trace_channels
 from ib_lasso_jax.models import create
 
 

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from conftest import random_masks, randomise_batchnorm
-from ib_lasso_jax import counting, prune, surgery
-from ib_lasso_jax.coupling import trace_channels
+from ib_lasso_jax import prune
+from ib_lasso_jax.graph import counting, surgery
+from ib_lasso_jax.graph.coupling import trace_channels
 
 
 class UserNet(nnx.Module):

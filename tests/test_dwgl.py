@@ -1,4 +1,4 @@
-"""DWGL (ib_lasso_jax.methods.dwgl): prox, weights, vote, sparsity training, prune."""
+"""DWGL (ib_lasso_jax.pruning.methods.dwgl): prox, weights, vote, sparsity training, prune."""
 
 import time
 
@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import coupling
 from ib_lasso_jax.data import load_dataset
-from ib_lasso_jax.methods import dwgl
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.pruning.methods import dwgl
 
 WIDTHS = {"stages": [8, 16, 32], "blocks": [[8] * 3, [16] * 3, [32] * 3]}
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from ib_lasso_jax import coupling
-from ib_lasso_jax.methods import entropic as E
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.pruning.methods import entropic as E
 
 FAST = dict(grid=3, maxiter=8, w_steps=5, eps_range=1e-2)
 

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 from conftest import randomise_batchnorm, scaled_widths
-from ib_lasso_jax import checkpoint, export
+from ib_lasso_jax import checkpoint
+from ib_lasso_jax.deploy import export
 from ib_lasso_jax.models import create, default_widths
 from ib_lasso_jax.pruning import prune
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import randomise_batchnorm
-from ib_lasso_jax.features import collect_features, iter_features
+from ib_lasso_jax.graph.features import collect_features, iter_features
 from ib_lasso_jax.models import create
 
 
@@ -66,7 +66,7 @@ def test_nan_inputs_and_features_are_reported():
 
 
 def test_penultimate_features_are_the_classifier_input():
-    from ib_lasso_jax.features import penultimate_features
+    from ib_lasso_jax.graph.features import penultimate_features
 
     model = create("lenet5", rngs=2)
     model.eval()
@@ -79,7 +79,7 @@ def test_penultimate_features_are_the_classifier_input():
 def test_capture_programs_are_cached_by_structure_not_by_trace():
     from flax import nnx
 
-    from ib_lasso_jax import coupling, features
+    from ib_lasso_jax.graph import coupling, features
 
     def program(model, which=0):
         g = coupling.trace_channels(model, (28, 28, 1), batch=4, strict=False)

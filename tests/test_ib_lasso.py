@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from ib_lasso_jax import kernels, structures
-from ib_lasso_jax.methods.ib_lasso import layer_problem, solve_grid
+from ib_lasso_jax.lasso import gram, structures
+from ib_lasso_jax.lasso.solvers import StructuredLasso
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
-from ib_lasso_jax.solvers import StructuredLasso
+from ib_lasso_jax.pruning.methods.ib_lasso import layer_problem, solve_grid
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_structure_weight_zero_is_per_class_lasso():
     rng = np.random.default_rng(1)
     F = rng.normal(size=(30, 8, 4)).astype(np.float32)
     y = np.arange(30) % 3
-    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, 3), "gaussian")
+    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(y, 3), "gaussian")
     profiles = rng.normal(size=(5, 3))
     lams = np.array([1e-3, 1e-2])
     per_class = np.stack([
@@ -89,8 +89,8 @@ def test_layer_problem_hsic_is_output_kernel():
     F = rng.normal(size=(20, 4, 9)).astype(np.float32)
     G = rng.normal(size=(20, 12)).astype(np.float32)
     Q, P = layer_problem(F, G, np.zeros(20, int), 1, method="hsic-lasso", kernel="linear", response="R2")
-    K = kernels.channel_kernels(F, "linear", normalize=True)
-    L = kernels.channel_kernels(G[:, None, :], "linear", normalize=True)[0]
+    K = gram.channel_kernels(F, "linear", normalize=True)
+    L = gram.channel_kernels(G[:, None, :], "linear", normalize=True)[0]
     np.testing.assert_allclose(np.asarray(P)[:, 0], np.einsum("kij,ij->k", np.asarray(K), np.asarray(L)), atol=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_grid_is_sharded_across_devices_and_matches_single_solves():
 
     rng = np.random.default_rng(3)
     F = rng.normal(size=(24, 6, 4)).astype(np.float32)
-    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(np.arange(24) % 2, 2), "linear")
+    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(np.arange(24) % 2, 2), "linear")
     lams = np.geomspace(1e-3, 1e-1, 8)
     solver = StructuredLasso("lasso", nonneg=True, maxiter=2000)
     B, _ = solve_grid(solver, Q, P, lams, 0.0)
@@ -111,11 +111,11 @@ def test_grid_is_sharded_across_devices_and_matches_single_solves():
 
 
 def test_layer_lambda_for_count():
-    from ib_lasso_jax.methods.ib_lasso import layer_lambda_for_count
+    from ib_lasso_jax.pruning.methods.ib_lasso import layer_lambda_for_count
 
     rng = np.random.default_rng(4)
     F = rng.normal(size=(30, 10, 4)).astype(np.float32) + (np.arange(30) % 3)[:, None, None] * rng.random((1, 10, 1))
-    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(np.arange(30) % 3, 3), "gaussian")
+    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(np.arange(30) % 3, 3), "gaussian")
     solver = StructuredLasso("lasso", nonneg=True, maxiter=2000)
     for count in (1, 3, 6):
         lam, B, nnz, _ = layer_lambda_for_count(solver, Q, P, count)
@@ -127,12 +127,12 @@ def test_layer_lambda_for_count():
 
 def test_grid_path_mode_matches_vmap_mode():
     """The warm-started path (the default on one CPU device) reaches the same solutions."""
-    from ib_lasso_jax.methods.ib_lasso import grid_mode_for_devices
+    from ib_lasso_jax.pruning.methods.ib_lasso import grid_mode_for_devices
 
     rng = np.random.default_rng(4)
     y = np.arange(40) % 4
     F = rng.normal(size=(40, 12, 4)).astype(np.float32) + 0.5 * y[:, None, None] * (np.arange(12) < 5)[None, :, None]
-    Q, P = kernels.gram_statistics(F, kernels.one_vs_rest_responses(y, 4), "laplacian")
+    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(y, 4), "laplacian")
     lams = np.geomspace(1e-3, 1.0, 16) * float(np.abs(np.asarray(P)).max())
     solver = StructuredLasso("lasso", maxiter=5000)
     Bv, _ = solve_grid(solver, Q, P, lams, 0.0, mode="vmap")
@@ -242,7 +242,7 @@ def test_bad_option_values_are_refused_naming_option_value_and_valid(method, opt
 
 
 def test_graph_method_auto_takes_the_exact_prox_on_small_graphs_only(lenet, calib):
-    from ib_lasso_jax.methods.ib_lasso import EXACT_MAX_EDGES, graph_method_for
+    from ib_lasso_jax.pruning.methods.ib_lasso import EXACT_MAX_EDGES, graph_method_for
 
     src, dst = np.triu_indices(30, k=1)  # 435 edges
     dense = structures.class_graph_from_edges(src, dst, np.full(src.size, 0.9), 30)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import randomise_batchnorm
-from ib_lasso_jax import coupling, surgery
-from ib_lasso_jax.methods.ic_shapley import (
+from ib_lasso_jax.graph import coupling, surgery
+from ib_lasso_jax.models import create
+from ib_lasso_jax.pruning import prune
+from ib_lasso_jax.pruning.methods.ic_shapley import (
     dispersion,
     feature_map_ranks,
     fuse,
@@ -20,9 +22,7 @@ from ib_lasso_jax.methods.ic_shapley import (
     prune_ratios,
     reconstruction_games,
 )
-from ib_lasso_jax.models import create
-from ib_lasso_jax.pruning import prune
-from ib_lasso_jax.shapley import exact_shapley, permutation_shapley
+from ib_lasso_jax.pruning.methods.shapley import exact_shapley, permutation_shapley
 
 WIDTHS = {"stages": [8, 16, 16], "blocks": [[6] * 3, [8] * 3, [8] * 3]}
 

@@ -16,7 +16,9 @@ import pytest
 from flax import nnx
 
 from conftest import scaled_widths
-from ib_lasso_jax import checkpoint, cli, counting, coupling, latency, models
+from ib_lasso_jax import checkpoint, cli, models
+from ib_lasso_jax.deploy import latency
+from ib_lasso_jax.graph import counting, coupling
 from ib_lasso_jax.pruning import masks_from_scores, prune
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ib_lasso_jax import coupling
-from ib_lasso_jax.features import capture, eval_jaxpr
+from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph.features import capture, eval_jaxpr
 from ib_lasso_jax.models import _layers, create
 
 jcore = pytest.importorskip("jax.extend.core")

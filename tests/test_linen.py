@@ -11,8 +11,9 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from conftest import random_masks
-from ib_lasso_jax import checkpoint, counting, prune, surgery
-from ib_lasso_jax.coupling import CouplingError, path_str, trace_channels
+from ib_lasso_jax import checkpoint, prune
+from ib_lasso_jax.graph import counting, surgery
+from ib_lasso_jax.graph.coupling import CouplingError, path_str, trace_channels
 from ib_lasso_jax.interop.linen import LinenModel, from_linen, linen_widths, to_linen
 
 SHAPE = (16, 16, 3)

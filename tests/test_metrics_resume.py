@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from ib_lasso_jax import training
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train import training
+from ib_lasso_jax.train.training import TrainConfig
 
 # lenet5 at tiny widths on `digits` (44 steps per epoch): a checkpoint every 7 steps, a train
 # line every 10, so the checkpoint the run resumes from (step 14) is inside a line's window.

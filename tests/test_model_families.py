@@ -21,8 +21,9 @@ import pytest
 from flax import nnx
 
 from conftest import random_masks
-from ib_lasso_jax import counting, prune, surgery
-from ib_lasso_jax.coupling import CouplingError, trace_channels
+from ib_lasso_jax import prune
+from ib_lasso_jax.graph import counting, surgery
+from ib_lasso_jax.graph.coupling import CouplingError, trace_channels
 from ib_lasso_jax.pruning import floor_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

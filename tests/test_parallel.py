@@ -1,4 +1,4 @@
-"""Tests of ib_lasso_jax.parallel: data parallelism over the 4 forced CPU devices."""
+"""Tests of ib_lasso_jax.train.parallel: data parallelism over the 4 forced CPU devices."""
 
 import jax
 import numpy as np
@@ -6,8 +6,8 @@ import optax
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import parallel, training
 from ib_lasso_jax.data import load_dataset
+from ib_lasso_jax.train import parallel, training
 
 
 class ConvBNNet(nnx.Module):

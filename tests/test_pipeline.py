@@ -1,4 +1,4 @@
-"""Tests of ib_lasso_jax.pipeline, the ``ib-lasso run`` command and the paper configs.
+"""Tests of ib_lasso_jax.experiment.pipeline, the ``ib-lasso run`` command and the paper configs.
 
 Every paper config is checked cheaply (loads, validates, documents its command, its smoke
 model fits its data set, its method options exist); end to end under ``tfds.testing.mock_data``
@@ -19,10 +19,11 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from ib_lasso_jax import checkpoint, models, pipeline  # noqa: E402
+from ib_lasso_jax import checkpoint, models  # noqa: E402
 from ib_lasso_jax.cli import main as cli_main  # noqa: E402
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig  # noqa: E402
-from ib_lasso_jax.training import TrainConfig  # noqa: E402
+from ib_lasso_jax.experiment import pipeline  # noqa: E402
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig  # noqa: E402
+from ib_lasso_jax.train.training import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -62,7 +63,7 @@ def _ints(tree) -> list[int]:
 
 
 def _method_defaults(method: str) -> dict:
-    from ib_lasso_jax.methods import dwgl, entropic, ib_lasso, ic_shapley
+    from ib_lasso_jax.pruning.methods import dwgl, entropic, ib_lasso, ic_shapley
 
     return {"sglp-ib": ib_lasso.DEFAULTS, "stlp-ib": ib_lasso.DEFAULTS, "hsic-lasso": ib_lasso.DEFAULTS,
             "dwgl": dwgl.DEFAULTS, "entropic": entropic.DEFAULTS, "ic-shapley": ic_shapley.DEFAULTS}.get(method, {})

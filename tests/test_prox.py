@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ib_lasso_jax import prox as PX
-from ib_lasso_jax import structures as S
+from ib_lasso_jax.lasso import prox as PX
+from ib_lasso_jax.lasso import structures as S
 
 D, C = 5, 6  # rows (channels) x classes, one shape for all tests: compiles are reused
 TOL = 1e-5

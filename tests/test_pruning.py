@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import randomise_batchnorm
-from ib_lasso_jax import counting
-from ib_lasso_jax.coupling import trace_channels
-from ib_lasso_jax.methods.baselines import l1_norm_scores
+from ib_lasso_jax.graph import counting
+from ib_lasso_jax.graph.coupling import trace_channels
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import MethodContext, available_methods, masks_from_scores, prune, search_knob
+from ib_lasso_jax.pruning.methods.baselines import l1_norm_scores
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def _mnist_like(n=20, shape=(28, 28, 1)):
     ("int_labels", r"labels must be integer class indices; got dtype float"),
 ])
 def test_calibration_data_is_checked_at_the_entry(small_lenet, monkeypatch, case, pattern):
-    from ib_lasso_jax import coupling
+    from ib_lasso_jax.graph import coupling
 
     def no_tracing(*a, **k):
         raise AssertionError("traced before checking the calibration data")

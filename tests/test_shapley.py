@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ib_lasso_jax.shapley import evaluate_coalitions, exact_shapley, permutation_shapley
+from ib_lasso_jax.pruning.methods.shapley import evaluate_coalitions, exact_shapley, permutation_shapley
 
 WEIGHTS = np.array([4.0, 3.0, 2.0, 1.0, 1.0])
 QUOTA = 6.0

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
-from ib_lasso_jax import structures as S
-from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
+from ib_lasso_jax.lasso import structures as S
+from ib_lasso_jax.lasso.solvers import StructuredLasso, gram_lipschitz
 
 D, K, N = 8, 4, 30  # channels, classes, samples: one shape for every solve (compiles reused
 
@@ -149,7 +149,7 @@ def test_vmapped_grid_equals_loop(problem, penalty):
 def test_grid_method_equals_run_and_compiles_once(problem, penalty):
     """``StructuredLasso.grid``: each member equals a cold ``run``; the sharded grid gives the
     same answer; a second layer of the same shape reuses the compiled program."""
-    from ib_lasso_jax import solvers as solvers_module
+    from ib_lasso_jax.lasso import solvers as solvers_module
 
     s = solver(problem, penalty)
     q, p = problem["Q"], problem["P"]

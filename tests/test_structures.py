@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ib_lasso_jax import structures as S
+from ib_lasso_jax.lasso import structures as S
 
 
 def profiles_with_correlation(r, n_features=10, seed=0):
@@ -101,7 +101,7 @@ def test_graph_incidence_and_norm():
     np.testing.assert_allclose(float(g.sq_norm), np.linalg.norm(c, 2) ** 2, rtol=1e-12)
     b = np.random.default_rng(0).normal(size=(3, 4))
     # C b^T_e = |r| (b_m - sign(r) b_l)
-    from ib_lasso_jax.prox import graph_fusion_differences
+    from ib_lasso_jax.lasso.prox import graph_fusion_differences
     with jax.enable_x64(True):
         np.testing.assert_allclose(graph_fusion_differences(jnp.asarray(b), g), b @ c.T, atol=1e-12)
     empty = S.class_graph_from_edges([], [], [], 3)

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from conftest import random_masks, randomise_batchnorm, scaled_widths
-from ib_lasso_jax import counting, surgery
-from ib_lasso_jax.coupling import trace_channels
+from ib_lasso_jax.graph import counting, surgery
+from ib_lasso_jax.graph.coupling import trace_channels
 from ib_lasso_jax.models import available, create, default_widths
 
 # Big models run at reduced widths / input sizes: structure (and so coupling) is unchanged.

@@ -1,4 +1,4 @@
-"""Tests of ib_lasso_jax.training: real learning, exact resume, BatchNorm re-estimation,
+"""Tests of ib_lasso_jax.train.training: real learning, exact resume, BatchNorm re-estimation,
 schedules, losses, optimiser conventions, config errors and damaged checkpoints."""
 
 import json
@@ -12,10 +12,11 @@ import optax
 import pytest
 from flax import nnx
 
-from ib_lasso_jax import checkpoint, models, training
+from ib_lasso_jax import checkpoint, models
 from ib_lasso_jax.checkpoint import CheckpointError
 from ib_lasso_jax.data import load_dataset
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train import training
+from ib_lasso_jax.train.training import TrainConfig
 
 TINY_LENET = {"conv": [4, 8], "fc": [16, 16]}
 TINY_VGG = {"features": [4, "M", 8, "M", 8, 8, "M", 8, 8, "M", 8, 8], "classifier": [8]}

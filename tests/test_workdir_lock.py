@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ib_lasso_jax import workdir_lock
-from ib_lasso_jax.workdir_lock import StaleLockWarning, WorkdirLockedError, locked, read_lock
+from ib_lasso_jax.experiment import workdir_lock
+from ib_lasso_jax.experiment.workdir_lock import StaleLockWarning, WorkdirLockedError, locked, read_lock
 
 # The holder process loads the module by path: it needs no JAX, so it starts in a blink.
 _HOLDER = f"""

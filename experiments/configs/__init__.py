@@ -19,7 +19,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 __all__ = ["CONFIG_DIR", "available", "load"]
 

@@ -13,7 +13,7 @@ Runtime: estimated (not measured) 1 hour on one H100-class GPU; days on a CPU (u
 check the setup in a minute).
 """
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -8,7 +8,7 @@ Runtime: about 70 s on 2 (shared) CPU cores (620 steps); measured test accuracy 
 (best epoch 96.9%).
 """
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -8,7 +8,7 @@ Runtime: estimated 20-30 minutes on 2 CPU cores (15 epochs, 465 steps; not measu
 beyond a smoke run, 6 steps in 18 s with compilation); well under a minute on one GPU.
 """
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -54,7 +54,7 @@ def load(name_or_path: str | os.PathLike):
     Raises:
       ValueError: unknown name, or the file has no ``get_config`` returning a PipelineConfig.
     """
-    from ib_lasso_jax.pipeline import PipelineConfig
+    from ib_lasso_jax.experiment.pipeline import PipelineConfig
 
     text = os.fspath(name_or_path)
     path = Path(text) if text.endswith(".py") else PAPERS_DIR / f"{text}.py"

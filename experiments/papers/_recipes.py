@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 
 def training_config(name: str) -> TrainConfig:

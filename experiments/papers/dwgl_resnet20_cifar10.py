@@ -23,7 +23,7 @@ finetuning epochs are our choices; DWGL training reads TFDS's default data_dir.
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

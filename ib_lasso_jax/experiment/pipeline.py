@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ib_lasso_jax.training import TrainConfig
+from ib_lasso_jax.train.training import TrainConfig
 
 __all__ = [
     "PUBLISHED_KEYS",
@@ -482,10 +482,11 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
       ValueError: a bad config (naming the key), a checkpoint that is not a model, a workdir
         that overlaps the input checkpoint, or a workdir used before with other settings.
     """
-    from ib_lasso_jax import checkpoint, counting
+    from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import load_dataset
+    from ib_lasso_jax.graph import counting
     from ib_lasso_jax.pruning import prune
-    from ib_lasso_jax.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate
+    from ib_lasso_jax.train.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate
 
     t_start = time.perf_counter()
     config.validate()
@@ -651,7 +652,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
 
 
 def _markdown(r: dict[str, Any]) -> str:
-    from ib_lasso_jax import counting
+    from ib_lasso_jax.graph import counting
 
     o, pub = r["ours"], r["published"]
     title = r["paper_row"] or f"{r['config']['prune']['method']} pipeline"

@@ -13,7 +13,7 @@ the N^2 x C design matrix ``[vec K_1, ..., vec K_C]`` is never needed, and
 
 **Layout.** Features are ``F`` of shape ``(N, C, D)``: N calibration samples, C channels,
 ``D = H*W`` values of one channel's flattened feature map (a dense layer's inputs are
-``D = 1``). This is what :mod:`ib_lasso_jax.features` produces. Responses are ``(R, N, N)``:
+``D = 1``). This is what :mod:`ib_lasso_jax.graph.features` produces. Responses are ``(R, N, N)``:
 R centred (optionally unit-norm) kernels over the same N samples.
 
 **Kernels** (:class:`Kernel`; a string names the default of each):
@@ -60,12 +60,12 @@ References:
   bottleneck principle" (APIB), ICCV 2023.
 
 >>> import numpy as np
->>> from ib_lasso_jax import kernels
+>>> from ib_lasso_jax.lasso import gram
 >>> rng = np.random.default_rng(0)
 >>> F = rng.normal(size=(40, 8, 16)).astype(np.float32)   # (N, C, D)
 >>> y = np.arange(40) % 4
->>> L = kernels.one_vs_rest_responses(y, 4)               # R1: (4, 40, 40)
->>> Q, P = kernels.gram_statistics(F, L, kernel="laplacian")
+>>> L = gram.one_vs_rest_responses(y, 4)               # R1: (4, 40, 40)
+>>> Q, P = gram.gram_statistics(F, L, kernel="laplacian")
 >>> Q.shape, P.shape
 ((8, 8), (8, 4))
 """

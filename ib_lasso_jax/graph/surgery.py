@@ -1,7 +1,7 @@
 """Model surgery: keep masks -> a physically smaller model with sliced weights.
 
 A zoo model is rebuilt through the registry at its new widths and every parameter is
-sliced along the axes that the channel graph (:mod:`ib_lasso_jax.coupling`) says hold
+sliced along the axes that the channel graph (:mod:`ib_lasso_jax.graph.coupling`) says hold
 removed channels: producer kernels and biases, BatchNorm scale/bias/mean/var, consumer input
 slices (including a dense layer after a flatten, where one channel is ``H*W`` inputs, and
 concatenation members at their offsets).
@@ -13,7 +13,7 @@ size in that abstract model names the entry that sets it.
 
 >>> import numpy as np
 >>> from ib_lasso_jax.models import create
->>> from ib_lasso_jax.surgery import apply_masks
+>>> from ib_lasso_jax.graph.surgery import apply_masks
 >>> small = apply_masks(create("lenet5"), {"conv1": np.arange(6) < 4})
 >>> small.spec.widths["conv"]
 [4, 16]
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.models import _registry
 
 __all__ = [
@@ -186,7 +186,7 @@ def apply_masks(model: nnx.Module, masks: Mapping[str, Any], policy: str = "inne
       model: a zoo model (rebuilt through the registry at its new widths) or any NNX model
         made of supported layers (then a copy whose arrays and layer sizes are replaced).
       masks: channel group name -> boolean keep mask of the group's size. Groups left out
-        keep all their channels. See :func:`ib_lasso_jax.coupling.trace_channels` for names.
+        keep all their channels. See :func:`ib_lasso_jax.graph.coupling.trace_channels` for names.
       policy: ``"inner"`` or ``"coupled"`` (residual streams prunable as one group).
       graph: the model's channel graph, if already traced.
 

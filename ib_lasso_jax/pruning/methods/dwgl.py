@@ -21,7 +21,7 @@ Pieces, from the pure core outwards:
   (one per producer layer: the kernel's output slice, its bias, and the BatchNorm scale and
   shift that follow it), as static ``(param_path, axis, positions)`` entries.
 * :func:`member_norms`, :func:`prox_directed_group_lasso`: pure functions of the parameter
-  pytree (paths "/"-joined as :func:`ib_lasso_jax.coupling.path_str`), jit-safe.
+  pytree (paths "/"-joined as :func:`ib_lasso_jax.graph.coupling.path_str`), jit-safe.
 * :func:`directed_group_lasso`: the optax transformation (``update(updates, state, params)``).
 * :func:`coupled_group_vote`, :func:`vote_scores`: the decision, reusable by any method.
 * ``prune(model, calib, "dwgl", target_flops=...)``: a sparsity-training ``prepare`` phase,
@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
@@ -505,9 +505,9 @@ def sparsity_train(model: nnx.Module, groups_spec: Sequence[GroupSpec], batches,
                    alpha_max: float = 4.0, power: float = 2.0, norm: str = "layer") -> tuple[nnx.Module, dict]:
     """Train ``model`` (a copy) for ``steps`` steps with SGD followed by the DWGL proximal step.
 
-    The optimiser is the training library's (:func:`ib_lasso_jax.training.create_optimizer`:
+    The optimiser is the training library's (:func:`ib_lasso_jax.train.training.create_optimizer`:
     SGD with momentum, coupled L2, constant learning rate) chained with
-    :func:`directed_group_lasso`; the step is :func:`ib_lasso_jax.training.make_train_step`.
+    :func:`directed_group_lasso`; the step is :func:`ib_lasso_jax.train.training.make_train_step`.
 
     Args:
       model: the model to sparsify (not modified).
@@ -521,7 +521,7 @@ def sparsity_train(model: nnx.Module, groups_spec: Sequence[GroupSpec], batches,
       ``(trained model in eval mode, info)`` with the mean training loss and accuracy of the
       last steps and the seconds taken.
     """
-    from ib_lasso_jax import training
+    from ib_lasso_jax.train import training
 
     model = nnx.clone(model)
     model.train()

@@ -13,7 +13,7 @@ much-quoted 4.11G is 4.09G MACs plus 0.02G for BatchNorm; CIFAR ResNet-56's 125.
 alone). The default, ``"macs"``, is the convention of HRank, APIB and Torch-Pruning.
 
 The convolutions and dense layers are found in the traced computation
-(:func:`ib_lasso_jax.coupling.trace_channels`), so a user's own model is counted the same
+(:func:`ib_lasso_jax.graph.coupling.trace_channels`), so a user's own model is counted the same
 way, and nothing is looked up in a table.
 """
 
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 
 CONVENTIONS = ("macs", "thop")
 
@@ -127,7 +127,7 @@ def count(model: nnx.Module, input_shape: tuple[int, ...] | None = None,
 
 
 def count_masked(model: nnx.Module, graph: coupling.ChannelGraph, masks, policy: str = "inner") -> tuple[int, int]:
-    """``(params, flops)`` the model would have after :func:`ib_lasso_jax.surgery.apply_masks`.
+    """``(params, flops)`` the model would have after :func:`ib_lasso_jax.graph.surgery.apply_masks`.
 
     Exact and cheap (no rebuild, no trace): a parameter's size is the product of its axes'
     kept sizes, and a conv/dense layer's MACs scale with its kept input and output

@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ib_lasso_jax import _jaxopt
-from ib_lasso_jax import prox as _prox
-from ib_lasso_jax.structures import ClassGraph, ClassTree
+from ib_lasso_jax.lasso import _jaxopt
+from ib_lasso_jax.lasso import prox as _prox
+from ib_lasso_jax.lasso.structures import ClassGraph, ClassTree
 
 PENALTIES = ("lasso", "group", "sparse_group", "tree", "graph")
 GRAPH_METHODS = ("smooth", "exact")
@@ -329,8 +329,8 @@ class StructuredLasso:
 
     Attributes:
         penalty: one of :data:`PENALTIES` (see the module docstring for hyperparams).
-        structure: a :class:`~ib_lasso_jax.structures.ClassTree` (``"tree"``) or
-            :class:`~ib_lasso_jax.structures.ClassGraph` (``"graph"``); ``None`` otherwise.
+        structure: a :class:`~ib_lasso_jax.lasso.structures.ClassTree` (``"tree"``) or
+            :class:`~ib_lasso_jax.lasso.structures.ClassGraph` (``"graph"``); ``None`` otherwise.
         nonneg: constrain ``B >= 0`` (HSIC Lasso's constraint).
         graph_method: ``"smooth"`` (Chen et al. 2012; minimises the ``mu``-smoothed objective,
             within ``mu |E| K / 2`` of the optimum) or ``"exact"`` (exact prox of the fusion
@@ -351,10 +351,10 @@ class StructuredLasso:
             also suits warm starts, which start with small objective changes). Backend
             ``"jax"`` only.
         backend: ``"jax"`` (this module's FISTA) or ``"jaxopt"`` (``jaxopt.ProximalGradient``
-            through :mod:`ib_lasso_jax._jaxopt`, cold-starting the exact graph prox each step).
+            through :mod:`ib_lasso_jax.lasso._jaxopt`, cold-starting the exact graph prox each step).
         prox_maxiter: dual iterations per exact graph prox.
         prox_tol: accuracy of each exact graph prox (see
-            :func:`~ib_lasso_jax.prox.prox_graph_fused_lasso`).
+            :func:`~ib_lasso_jax.lasso.prox.prox_graph_fused_lasso`).
         psd_tol: see :func:`gram_lipschitz`.
 
     Example:
@@ -392,7 +392,7 @@ class StructuredLasso:
         if need is not None and not isinstance(self.structure, need):
             raise ValueError(
                 f"penalty={self.penalty!r} needs structure to be a {need.__name__} (see "
-                f"ib_lasso_jax.structures); got {type(self.structure).__name__}"
+                f"ib_lasso_jax.lasso.structures); got {type(self.structure).__name__}"
             )
         if not float(self.mu) > 0:
             raise ValueError(f"mu must be > 0; got {self.mu!r}")

@@ -3,9 +3,9 @@
 For each channel group (METHODS.md section 1)::
 
     features F (N, C, D) at the group's first consumer, response G (N, R) its output
-      -> centred channel kernels K_k and response kernels L_c  (ib_lasso_jax.kernels)
+      -> centred channel kernels K_k and response kernels L_c  (ib_lasso_jax.lasso.gram)
       -> Q = [<K_k, K_l>], P = [<K_k, L_c>]                      (never the N^2 x C design)
-      -> min_B 1/2 tr(B^T Q B) - tr(B^T P) + lam ||B||_1 + Omega(B)   (ib_lasso_jax.solvers)
+      -> min_B 1/2 tr(B^T Q B) - tr(B^T P) + lam ||B||_1 + Omega(B)   (ib_lasso_jax.lasso.solvers)
       -> keep channel k when row B[k, :] is non-zero
 
 * ``hsic-lasso``: one response, the kernel of the consumer's output, no labels and no class
@@ -51,10 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import kernels, structures
-from ib_lasso_jax.features import iter_features, padded_batches
+from ib_lasso_jax.graph.features import iter_features, padded_batches
+from ib_lasso_jax.lasso import gram, structures
+from ib_lasso_jax.lasso.solvers import StructuredLasso, gram_lipschitz
 from ib_lasso_jax.pruning import MethodContext, masks_from_scores, method_options, register_method
-from ib_lasso_jax.solvers import StructuredLasso, gram_lipschitz
 
 __all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 
@@ -149,19 +149,19 @@ def layer_problem(F, G, labels, num_classes, *, method: str, kernel: str, respon
     column 0 outlives the class columns on the lambda path and the ranking tends to HSIC-lasso's.
     """
     def whole_output():
-        return kernels.channel_kernels(G[:, None, :], kernel, normalize=True)  # (1, N, N)
+        return gram.channel_kernels(G[:, None, :], kernel, normalize=True)  # (1, N, N)
     if method == "hsic-lasso":
         L = whole_output()
     else:
         if response == "R1":
-            L = kernels.one_vs_rest_responses(labels, num_classes)
+            L = gram.one_vs_rest_responses(labels, num_classes)
         elif response == "R2":
-            L = kernels.output_responses(G, labels, num_classes, kernel)
+            L = gram.output_responses(G, labels, num_classes, kernel)
         else:  # R4
-            L = kernels.logit_responses(logits)
+            L = gram.logit_responses(logits)
         if output_weight > 0:
             L = jnp.concatenate([output_weight * whole_output(), L])
-    return kernels.gram_statistics(F, L, kernel, normalize=True)
+    return gram.gram_statistics(F, L, kernel, normalize=True)
 
 
 def _describe(structure) -> dict:
@@ -207,7 +207,7 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mod
       ``"vmap"``: every lambda solved from zero at once (``jax.vmap`` of the solver; sharded
         across devices when there are several). Batching is nearly free on an accelerator,
         but every member runs until the slowest has converged.
-      ``"path"``: :meth:`~ib_lasso_jax.solvers.StructuredLasso.path`, the lambdas from the
+      ``"path"``: :meth:`~ib_lasso_jax.lasso.solvers.StructuredLasso.path`, the lambdas from the
         largest down in one ``lax.scan``, each warm-started from the last and stopped on the
         gradient-mapping residual. On one CPU device it was 1.4x faster than ``"vmap"`` for 64
         lambdas and more accurate (docs/sglp-ib.md, benchmark 3).

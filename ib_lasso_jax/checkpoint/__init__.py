@@ -1028,7 +1028,7 @@ def restore_model(path: str | os.PathLike, *, like: nnx.Module | None = None) ->
       like: for a user's own model (saved without a spec): an instance of the same module,
         at any widths (e.g. the unpruned one); its structure is kept and every array takes the
         saved shape and values, then the layers' size attributes follow
-        (:func:`ib_lasso_jax.surgery.sync_layer_sizes`). ``like`` itself is not modified.
+        (:func:`ib_lasso_jax.graph.surgery.sync_layer_sizes`). ``like`` itself is not modified.
 
     Returns:
       The model (``model.spec`` as saved for a zoo model), set to eval mode (``model.eval()``).
@@ -1062,7 +1062,7 @@ def restore_model(path: str | os.PathLike, *, like: nnx.Module | None = None) ->
 
 def _restore_like(ckpt: Path, like: nnx.Module) -> nnx.Module:
     """:func:`restore_model` with a template module: its structure, the saved shapes and values."""
-    from ib_lasso_jax.surgery import sync_layer_sizes
+    from ib_lasso_jax.graph.surgery import sync_layer_sizes
 
     layout = ckpt / LAYOUT_FILE
     if not layout.is_file():

@@ -75,8 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
-from ib_lasso_jax.features import capture, padded_batches
+from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph.features import capture, padded_batches
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [

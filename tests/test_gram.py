@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ib_lasso_jax import kernels as kk
+from ib_lasso_jax.lasso import gram as kk
 
 # ---------------------------------------------------------------------------------------
 # Brute-force references (NumPy, float64, nothing clever)
@@ -184,7 +184,7 @@ def test_output_and_logit_responses(x64):
         for c in range(3):
             Dc = np.diag((y == c).astype(float))
             close(L[c], ref_centred(Dc @ ref_kernel(X, kernel) @ Dc), 1e-10)
-    # The median of a strided subsample of the pairs, as for channels (kernels.bandwidths).
+    # The median of a strided subsample of the pairs, as for channels (gram.bandwidths).
     sub = kk.gaussian(median_samples=4)
     s2 = float(kk.bandwidths(Gf[:, None, :], sub)[0])
     assert s2 != float(kk.bandwidths(Gf[:, None, :], KERNELS["gaussian-median"])[0])

@@ -4,7 +4,8 @@ Both formats hold the model's inference function with its weights baked in: Batc
 inference mode (running statistics), a fixed or a symbolic batch dimension, one input of
 shape ``(batch, H, W, C)`` (NHWC, float32) and one output, the logits ``(batch, classes)``::
 
-    from ib_lasso_jax import checkpoint, export
+    from ib_lasso_jax import checkpoint
+    from ib_lasso_jax.deploy import export
 
     model = checkpoint.restore_model("runs/pruned/model")
     export.export_stablehlo(model, "model.jaxexport")            # symbolic batch

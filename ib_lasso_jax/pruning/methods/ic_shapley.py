@@ -29,12 +29,12 @@ arXiv 2408.16772 (METHODS.md section 4). Two stages, on the common pruning path:
 
 2. **Which channels.** Within each layer, the Shapley value of each channel in the game
    "channels of this layer kept -> value", estimated by Monte-Carlo permutations
-   (:mod:`ib_lasso_jax.shapley`), every other layer left whole. Value functions
+   (:mod:`ib_lasso_jax.pruning.methods.shapley`), every other layer left whole. Value functions
    (``value``):
 
    * ``"loss"`` (default, the paper's): minus the network's cross-entropy on
      ``shapley_samples`` calibration images when only the coalition's channels of the layer
-     are kept (the others silenced exactly as :func:`ib_lasso_jax.surgery.zero_channels`
+     are kept (the others silenced exactly as :func:`ib_lasso_jax.graph.surgery.zero_channels`
      does: every parameter producing them is multiplied by the mask). One compiled function
      evaluates ``coalition_batch`` coalitions of any layer per call (``coalition_mode``:
      ``"vmap"`` batches them, ``"map"`` loops over them inside the compiled call; ``"auto"``,
@@ -67,9 +67,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling, shapley
-from ib_lasso_jax.features import capture, iter_features
+from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph.features import capture, iter_features
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
+from ib_lasso_jax.pruning.methods import shapley
 
 try:
     from jax.extend import core as jcore
@@ -120,7 +121,7 @@ def feature_map_ranks(features, map_shape) -> np.ndarray:
 
     Args:
       features: ``(N, C, D)`` the group's channels at its consumer's input.
-      map_shape: one channel's map shape (``(H, W)``; see :class:`ib_lasso_jax.features.GroupFeatures`).
+      map_shape: one channel's map shape (``(H, W)``; see :class:`ib_lasso_jax.graph.features.GroupFeatures`).
     """
     maps = _square_maps(np.asarray(features, np.float32), map_shape)
     return np.asarray(_ranks(jnp.asarray(maps)), np.float64).mean(axis=0)
@@ -210,7 +211,7 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
     """One compiled game for every group: ``values(group, masks (B, C_g)) -> (B,)`` minus the loss.
 
     A coalition keeps its channels of ``group`` and silences the others the way
-    :func:`ib_lasso_jax.surgery.zero_channels` does (every producer-side parameter axis of
+    :func:`ib_lasso_jax.graph.surgery.zero_channels` does (every producer-side parameter axis of
     the group: kernel outputs, biases, BatchNorm statistics, multiplied by the mask), every
     other group whole. Masks of all groups are concatenated into one vector, so the network
     is compiled once for all layers; ``B`` coalitions run in one compiled call.
@@ -286,7 +287,7 @@ def reconstruction_games(model: nnx.Module, images, groups) -> dict:
     evaluated alone on its inputs captured in one forward pass over ``images``; the consumer is
     linear in its input, so removing channels changes its output by ``op(x * (1 - m))`` (the
     bias cancels). Returns ``{group: (value_fn, args)}`` for
-    :func:`ib_lasso_jax.shapley.permutation_shapley`.
+    :func:`ib_lasso_jax.pruning.methods.shapley.permutation_shapley`.
     """
     images = np.asarray(images, np.float32)
     graph = coupling.trace_channels(model, images.shape[1:], batch=images.shape[0], strict=False)

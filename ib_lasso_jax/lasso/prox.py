@@ -12,7 +12,7 @@ Every operator has jaxopt's signature ``prox(x, hyperparams, scaling=1.0)`` and 
 
 with ``s = scaling`` (the step size inside a proximal-gradient solver). All are pure and jit-,
 vmap- and (except the iterative graph prox) grad-safe; tree and graph structures are pytrees
-(:mod:`ib_lasso_jax.structures`) passed inside ``hyperparams``.
+(:mod:`ib_lasso_jax.lasso.structures`) passed inside ``hyperparams``.
 
 Exactness of the composed operators:
 
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ib_lasso_jax.structures import ClassGraph, ClassTree
+from ib_lasso_jax.lasso.structures import ClassGraph, ClassTree
 
 __all__ = [
     "GraphProxInfo",
@@ -150,7 +150,7 @@ def nonneg(prox: Callable) -> Callable:
 
     prox_nonneg.__name__ = f"nonneg_{getattr(prox, '__name__', 'prox')}"
     prox_nonneg.__doc__ = (f"{getattr(prox, '__name__', 'prox')} with the constraint x >= 0 "
-                           "(see ib_lasso_jax.prox.nonneg).")
+                           "(see ib_lasso_jax.lasso.prox.nonneg).")
     return prox_nonneg
 
 

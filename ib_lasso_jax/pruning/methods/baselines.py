@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
-from ib_lasso_jax.features import iter_features
+from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph.features import iter_features
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = ["bn_scale_scores", "hrank_scores", "l1_norm_scores", "random_scores"]

@@ -9,7 +9,7 @@ Two parts:
   device): on a CPU the zoo's convolutions over tiny output maps take their im2col + matmul
   path (:func:`ib_lasso_jax.models._layers.conv_general_dilated`), because that is what such a
   user gets. ``runtime="onnxruntime"`` times the ONNX export (plain convolutions,
-  :func:`ib_lasso_jax.export.export_onnx`) in onnxruntime's CPU provider; it needs
+  :func:`ib_lasso_jax.deploy.export.export_onnx`) in onnxruntime's CPU provider; it needs
   ``pip install 'ib-lasso-jax[onnx]'``.
 * :class:`LatencyTable` and :class:`LatencyPredictor`: a latency lookup table in the manner of
   NetAdapt (Yang et al., ECCV 2018) and HALP (Shen et al., NeurIPS 2022). Every prunable
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -147,7 +147,7 @@ class Comparison:
     """What :func:`compare` returns: both models' measurements, the speed-up and the FLOPs ratio.
 
     ``speedup(b) = T_original(b) / T_pruned(b)`` (medians); ``flops_ratio = FLOPs_original /
-    FLOPs_pruned`` (MACs, :func:`ib_lasso_jax.counting.count`); their quotient is the share of
+    FLOPs_pruned`` (MACs, :func:`ib_lasso_jax.graph.counting.count`); their quotient is the share of
     the theoretical speed-up that is realised.
     """
 
@@ -282,7 +282,7 @@ def _xla_forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
 
 
 def _require_onnxruntime():
-    from ib_lasso_jax.export import ONNX_INSTALL_HINT
+    from ib_lasso_jax.deploy.export import ONNX_INSTALL_HINT
 
     for module in ("jax2onnx", "onnxruntime"):
         try:
@@ -294,7 +294,7 @@ def _require_onnxruntime():
 
 def _onnx_forward(model: nnx.Module, shape: tuple[int, ...]) -> Callable[[Any], np.ndarray]:
     """The ONNX export of ``model`` (symbolic batch) in an onnxruntime CPU session."""
-    from ib_lasso_jax import export
+    from ib_lasso_jax.deploy import export
 
     _require_onnxruntime()
     with tempfile.TemporaryDirectory(prefix="ib-lasso-latency-") as d:
@@ -433,7 +433,7 @@ def compare(
     processes hits both alike and the ratio stays fair on a busy machine. Arguments as
     :func:`measure` (the input shape is the original's).
     """
-    from ib_lasso_jax import counting
+    from ib_lasso_jax.graph import counting
 
     runtime = _check_runtime(runtime)
     repeats, warmup, min_sample_seconds = _check_timing(repeats, warmup, min_sample_seconds)
@@ -650,7 +650,7 @@ def _read_cached(file: Path, key: dict[str, Any]) -> LatencyTable | None:
 
 
 def _write_cached(file: Path, table: LatencyTable) -> None:
-    from ib_lasso_jax.export import _write_atomic
+    from ib_lasso_jax.deploy.export import _write_atomic
 
     file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_atomic(file, json.dumps(table.to_dict(), indent=1, sort_keys=True).encode())  # temp file + rename
@@ -663,7 +663,7 @@ def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
 def _resized(module: nnx.Module, kernel_shape: tuple[int, ...], rng: np.random.Generator) -> nnx.Module:
     """A copy of a conv or dense layer with a kernel (and bias) of ``kernel_shape``: same
     strides, padding, groups and convolution function (so the CPU's im2col path applies alike)."""
-    from ib_lasso_jax import surgery
+    from ib_lasso_jax.graph import surgery
 
     m = nnx.clone(module)
     m.kernel.set_value(jnp.asarray(rng.standard_normal(kernel_shape).astype(np.float32) * 0.05))
@@ -757,7 +757,7 @@ def build_table(
 
     Args:
       model: the model to prune (its eval-mode forward pass is timed).
-      graph: its channel graph (:func:`ib_lasso_jax.coupling.trace_channels`); traced if None.
+      graph: its channel graph (:func:`ib_lasso_jax.graph.coupling.trace_channels`); traced if None.
       policy: the residual policy of the pruning (which widths can change).
       batch: the batch size to time (the latency the pruning targets).
       grid: grid points per width axis, an int >= 2 (the full width and one block included).
@@ -834,7 +834,7 @@ class LatencyPredictor:
     """Predicted seconds per call of the model a set of keep masks would give.
 
     ``LatencyPredictor(table, graph, policy)(masks)`` reads every timed layer's kept input and
-    output widths from the masks (:meth:`ib_lasso_jax.coupling.ChannelGraph.keep_vectors`) and
+    output widths from the masks (:meth:`ib_lasso_jax.graph.coupling.ChannelGraph.keep_vectors`) and
     sums the table there (:meth:`LatencyTable.predict`); ``predictor({})`` is the full model's
     measured latency.
     """

@@ -27,7 +27,7 @@ Conventions (see :class:`TrainConfig` for every knob):
 * **Step functions** are ``jax.jit`` over ``nnx.split`` state (``graphdef`` static,
   ``params`` and the other variables as pytrees): pure, so a restored state continues
   bit-for-bit, and shardable (params replicated, batch split over ``'data'``; see
-  :mod:`ib_lasso_jax.parallel`). Compiled steps are cached per model structure and
+  :mod:`ib_lasso_jax.train.parallel`). Compiled steps are cached per model structure and
   optimiser settings, so repeated runs in one process compile once.
 
 Work directory layout::
@@ -87,10 +87,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ib_lasso_jax import checkpoint, parallel
+from ib_lasso_jax import checkpoint
 from ib_lasso_jax.checkpoint import CheckpointError
 from ib_lasso_jax.models._registry import DATASETS, ModelSpec, create
 from ib_lasso_jax.models._registry import available as available_models
+from ib_lasso_jax.train import parallel
 
 __all__ = [
     "CHOICES",
@@ -574,7 +575,7 @@ def evaluate(
       dataset: a :class:`ib_lasso_jax.data.Dataset`.
       split: split name (default: the data set's eval split).
       batch_size: evaluation batch size (divisible by the device count of ``mesh``).
-      mesh: optional data-parallel mesh (:func:`ib_lasso_jax.parallel.data_mesh`).
+      mesh: optional data-parallel mesh (:func:`ib_lasso_jax.train.parallel.data_mesh`).
       max_batches: stop after this many batches (``None``: the whole split).
 
     Returns:
@@ -711,7 +712,7 @@ def _read_train_state(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(
             f"training checkpoint file {str(file)!r} is corrupted or truncated ({e}); expected the JSON "
-            "written by ib_lasso_jax.training"
+            "written by ib_lasso_jax.train.training"
         ) from e
     if not isinstance(data, dict) or data.get("format") != TRAIN_STATE_FORMAT:
         raise CheckpointError(f"{str(file)!r} is not an ib_lasso_jax training checkpoint (format "

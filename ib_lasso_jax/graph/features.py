@@ -8,7 +8,7 @@ consumer's output, flattened to ``(N, R)``: what "preserve the layer's output" m
 HSIC-lasso pruning (APIB) and in the class-wise responses of sGLP-IB (METHODS.md, R2).
 
 Both are captured in one compiled forward pass: the model's traced program
-(:func:`ib_lasso_jax.coupling.trace_channels`) is given extra outputs, the intermediate
+(:func:`ib_lasso_jax.graph.coupling.trace_channels`) is given extra outputs, the intermediate
 arrays themselves, so no model needs hooks. Passes stream over batches and are packed under
 a memory budget, so a deep network's features never all live in memory at once.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ib_lasso_jax import coupling
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.models import _layers
 
 try:

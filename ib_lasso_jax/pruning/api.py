@@ -15,7 +15,7 @@ rule and go through the same search.
 Targets are *reductions*: ``target_flops=0.6`` removes 60% of the FLOPs (the papers'
 "FLOPs -61%"). Or give ``keep_ratios`` (one float, or a ratio per group) explicitly.
 ``target_latency=0.5`` halves the latency predicted by a per-layer latency table measured on
-this backend (:mod:`ib_lasso_jax.latency`, NetAdapt / HALP style): the same search, with the
+this backend (:mod:`ib_lasso_jax.deploy.latency`, NetAdapt / HALP style): the same search, with the
 predicted latency in place of the FLOPs counter.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax import counting, coupling, surgery
+from ib_lasso_jax.graph import counting, coupling, surgery
 
 __all__ = [
     "MethodContext",
@@ -127,7 +127,7 @@ def available_methods() -> list[str]:
 def _load_builtin_methods():
     import importlib
 
-    from ib_lasso_jax.methods import (
+    from ib_lasso_jax.pruning.methods import (
         baselines,  # noqa: F401  (registers on import)
         ib_lasso,
     )
@@ -139,9 +139,9 @@ def _load_builtin_methods():
 
     for optional in ("dwgl", "entropic", "ic_shapley"):  # the other seed methods, as they land
         try:
-            importlib.import_module(f"ib_lasso_jax.methods.{optional}")
+            importlib.import_module(f"ib_lasso_jax.pruning.methods.{optional}")
         except ModuleNotFoundError as e:
-            if e.name != f"ib_lasso_jax.methods.{optional}":
+            if e.name != f"ib_lasso_jax.pruning.methods.{optional}":
                 raise
 
 
@@ -456,8 +456,8 @@ def prune(
       target_params: fraction of params to remove, in (0, 1).
       target_latency: fraction of latency to remove, in (0, 1): of the latency predicted by a
         per-layer table measured on this backend at ``latency_batch``
-        (:func:`ib_lasso_jax.latency.build_table`; measured once, then read from its cache).
-        Measure the pruned model with :func:`ib_lasso_jax.latency.measure` to compare.
+        (:func:`ib_lasso_jax.deploy.latency.build_table`; measured once, then read from its cache).
+        Measure the pruned model with :func:`ib_lasso_jax.deploy.latency.measure` to compare.
       keep_ratios: explicit keep ratio (one float for every group, or per group name).
       policy: ``"inner"`` (channels inside residual blocks) or ``"coupled"``; default: the
         method's own default (``"inner"`` for most).
@@ -473,7 +473,7 @@ def prune(
       latency_batch: ``target_latency``'s batch size (a positive int).
       latency_grid: ``target_latency``'s table grid points per width axis (an int >= 2).
       latency_cache: where latency tables are cached: a directory, None (the default location,
-        see :func:`ib_lasso_jax.latency.cache_location`) or False (measure every time).
+        see :func:`ib_lasso_jax.deploy.latency.cache_location`) or False (measure every time).
       **options: method-specific options.
 
     Returns:
@@ -526,7 +526,7 @@ def prune(
     params0, flops0 = count({})
     predict = latency0 = None
     if target_latency is not None:  # the table stands in for the FLOPs counter in the search
-        from ib_lasso_jax import latency
+        from ib_lasso_jax.deploy import latency
 
         table = latency.build_table(model, graph, policy, batch=latency_batch, grid=latency_grid, round_to=round_to,
                                     input_shape=graph.input_shape, cache=latency_cache)

@@ -15,10 +15,10 @@ they can be passed straight into jitted or vmapped code, e.g. as part of a prox'
 
 - :class:`ClassGraph` -- an edge list ``(source, target, weight = r)`` and, through
   :meth:`ClassGraph.incidence`, the edge-incidence matrix ``C`` used by Chen et al.'s smoothing
-  and by :func:`ib_lasso_jax.prox.prox_graph_fused_lasso`.
+  and by :func:`ib_lasso_jax.lasso.prox.prox_graph_fused_lasso`.
 - :class:`ClassTree` -- the groups of a tree over classes (one per node, leaves first, every
   node after all of its descendants) with Kim & Xing's weights, used by
-  :func:`ib_lasso_jax.prox.prox_tree_group_lasso`.
+  :func:`ib_lasso_jax.lasso.prox.prox_tree_group_lasso`.
 
 References:
     Kim, S. and Xing, E. P. (2009). Statistical estimation of correlated genome associations to
@@ -113,7 +113,7 @@ class ClassTree:
 
     ``masks[v]`` is the set of classes under node ``v`` (its group ``G_v``). Nodes are ordered
     so that every node comes after all of its descendants (leaves first, root last), the order
-    in which :func:`ib_lasso_jax.prox.prox_tree_group_lasso` applies group soft-thresholding.
+    in which :func:`ib_lasso_jax.lasso.prox.prox_tree_group_lasso` applies group soft-thresholding.
     The tree penalty of a coefficient row ``b`` is
 
     .. math::
