@@ -10,7 +10,7 @@ threshold rho, the whole-output column's weight, the graph solver, the lambda al
 ``--methods ic-shapley`` the variants are its layer-ratio ``spread`` and its Shapley value
 function instead.
 
-    python experiments/ablation_ib.py --out results/ablation     # about 10 minutes on 2 CPU cores
+    python experiments/ablation_ib.py --out results/ablation
 
 Writes ``ablation.md`` and ``ablation.json``.
 """

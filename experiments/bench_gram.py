@@ -8,7 +8,7 @@ the achieved GFLOP/s, and that rate as a fraction of a jitted float32 matmul mea
 same run (target: >= 0.5). It also prints the temporary memory XLA allocates for the chunked
 computation (from the compiled program) against the N^2 x C float32 design matrix.
 
-    .venv/bin/python experiments/bench_gram.py            # ~1-2 min on 2 CPU cores
+    .venv/bin/python experiments/bench_gram.py
     .venv/bin/python experiments/bench_gram.py --sweep    # also sweep tile / chunk sizes
 
 No assertions: it prints ratios measured side by side.

@@ -14,7 +14,7 @@
    (ratios are also printed without them); ours runs with APIB's Laplacian kernel (like for
    like) and with our default Gaussian.
 
-    python experiments/bench_lambda.py             # about 5-10 minutes on 2 CPU cores
+    python experiments/bench_lambda.py             # benchmarks 1 and 2
     python experiments/bench_lambda.py --quick     # benchmark 1 only
 """
 

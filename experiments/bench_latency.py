@@ -24,7 +24,7 @@ theoretical speed-up that is realised (target >= 0.8 at batch 64).
 ``--per-layer`` adds a table of every convolution timed on its own (same input shape as in
 the network), original vs pruned, to show where the time goes.
 
-    python experiments/bench_latency.py                        # VGG-16 and ResNet-56, ~5-10 min on 2 CPU cores
+    python experiments/bench_latency.py                        # VGG-16 and ResNet-56
     python experiments/bench_latency.py --per-layer --round 8 16
     python experiments/bench_latency.py --models resnet56 --round-to 8 --policy coupled
     python experiments/bench_latency.py --smoke                # a narrow VGG-11, seconds (for tests)

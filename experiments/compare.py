@@ -1,4 +1,4 @@
-"""The evidence: every pruning method on equal terms (the sGLP-IB issue's experiment).
+"""The evidence: every pruning method on equal terms.
 
 Data ``mnist5k`` (padded to 32x32). Models: the narrow VGG-11 of ``configs/mnist5k_vgg`` and
 ResNet-20 (``configs/mnist5k_resnet20``), each trained once. For every FLOPs budget, method and
@@ -14,8 +14,8 @@ Outputs in ``--out``: ``compare.md`` (mean +- std over seeds), ``compare.json``,
 ``acc_vs_flops_<model>.png``, ``widths_<model>.png`` (per-layer kept widths per method) and
 ``tsne_<model>.png`` (penultimate features before / after sGLP-IB pruning, the paper's Fig. 2).
 
-    python experiments/compare.py --out results/compare                       # full: hours on 2 CPU cores
-    python experiments/compare.py --models vgg --seeds 1 --out results/compare_vgg   # ~25 minutes
+    python experiments/compare.py --out results/compare                       # full
+    python experiments/compare.py --models vgg --seeds 1 --out results/compare_vgg   # the VGG, one seed
 
 Every finished (model, budget, method, seed) cell is stored at once in
 ``--out/rows/<model>_<method>_<budget>_<seed>.json`` and reused by a later run with the same

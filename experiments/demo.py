@@ -11,7 +11,7 @@ Writes into ``--out``: ``results.md`` (the before/after table), ``results.json``
 ``widths.png``, plus the baseline and the finetuned sGLP-IB model as checkpoints. Both pruned
 models get the same BatchNorm re-estimation and the same finetuning.
 
-    python experiments/demo.py --out results/demo            # about 3 minutes on 2 CPU cores
+    python experiments/demo.py --out results/demo
     python experiments/demo.py --out /tmp/demo --smoke       # a few steps, for tests
 """
 

@@ -1,13 +1,13 @@
 """Entropic sparsification of LeNet-5 on mnist5k, with and without reconstruction.
 
-Trains LeNet-5 (``experiments/configs/mnist5k_lenet.py``, about 70 s on 2 CPU cores) unless
-``--model`` points at a saved one, then prunes it with ``entropic`` to several parameter
-sparsities (fraction of parameters removed), reconstructing the consumers' weights
-(``reconstruct="lstsq"``) or only slicing (``"none"``). No BatchNorm, no finetuning. Prints
+Trains LeNet-5 (``experiments/configs/mnist5k_lenet.py``) unless ``--model`` points at a
+saved one, then prunes it with ``entropic`` to several parameter sparsities (fraction of
+parameters removed), reconstructing the consumers' weights (``reconstruct="lstsq"``) or only
+slicing (``"none"``). No BatchNorm, no finetuning. Prints
 a Markdown table (paper, arXiv 2404.04734: LeNet on MNIST, sparsity 55-84%, accuracy loss
 0.1-0.5%).
 
-    python experiments/entropic_lenet.py --workdir /tmp/lenet      # about 6 minutes on 2 cores
+    python experiments/entropic_lenet.py --workdir /tmp/lenet
 """
 
 from __future__ import annotations

@@ -427,9 +427,9 @@ def build(name: str, seed: int = 0) -> nnx.Module:
     """Family ``name`` at its toy widths, in eval mode, with random weights and BatchNorms.
 
     The module is built abstractly (``nnx.eval_shape``) and its arrays are drawn with NumPy:
-    initialising eagerly compiles one small XLA program per parameter shape (seconds per
-    family on two cores). Kernels are He-normal, biases small; every BatchNorm gets a
-    non-trivial scale, shift and running statistics, which a mis-sliced BatchNorm would show.
+    initialising eagerly would compile one small XLA program per parameter shape. Kernels are
+    He-normal, biases small; every BatchNorm gets a non-trivial scale, shift and running
+    statistics, which a mis-sliced BatchNorm would show.
     """
     rng = np.random.default_rng(seed)
     abstract = nnx.eval_shape(lambda: FAMILIES[name].cls(rngs=nnx.Rngs(seed)))

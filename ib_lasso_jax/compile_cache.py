@@ -1,12 +1,10 @@
 """A persistent XLA compilation cache for the command line and the experiment scripts.
 
-On a CPU most of a pruning run's first call is XLA compilation, not computation: the
-sGLP-IB pruning of ``make demo`` (a narrow VGG-11, 200 calibration images) compiles 296
-programs and takes 29.5 s in a fresh process, 5.8 s when repeated in the same process. With
-this cache a second process needs 8.0 s (the rest is tracing and lowering, which JAX redoes
-to compute the cache keys). Each program is compiled once per machine and then read from
-disk, in every later process: ``ib-lasso prune`` and ``ib-lasso finetune`` run one after the
-other, a rerun of ``make demo`` (53 s -> 21 s with the baseline trained), every cell of
+On a CPU most of a pruning run's first call is XLA compilation (hundreds of programs), not
+computation; tracing and lowering, which JAX redoes to compute the cache keys, are what a
+cached process still pays (timings: docs/performance-log.md). Each program is compiled once
+per machine and then read from disk, in every later process: ``ib-lasso prune`` and
+``ib-lasso finetune`` run one after the other, a rerun of ``make demo``, every cell of
 ``experiments/compare.py``.
 
 The cache is JAX's own persistent compilation cache (keys hash the program, the compile
@@ -28,8 +26,8 @@ This module only chooses where it lives and when it is on:
   recreates it (empty, private) and says so once, with a :class:`CompileCacheClearedWarning`,
   instead of JAX's warning for every program it then fails to store.
 
-Entries are small (the demo's sGLP-IB pruning wrote 288 entries, 1.8 MB); the cache is not
-size-capped (JAX's cap needs the ``filelock`` package, which we do not depend on).
+Entries are small (docs/performance-log.md); the cache is not size-capped (JAX's cap needs
+the ``filelock`` package, which is not a dependency).
 Benchmarks never call :func:`enable`: their first-call timings must include compilation.
 """
 
@@ -81,9 +79,8 @@ def enable(path: str | os.PathLike | None = None, *, min_compile_secs: float = 0
         the environment (that choice wins; see :func:`location`).
       min_compile_secs: programs that compile faster than this are not stored. Default 0:
         everything. JAX's own default (1 s) suits remote caches; on a local disk reading an
-        entry costs ~3 ms against ~45 ms to compile even a tiny program, and a pruning run
-        compiles hundreds of them (the demo's sGLP-IB pruning: 296 programs; in a second
-        process it took 20.6 s with a 0.2 s threshold, 7.9 s with none, 5.8 s in-process).
+        entry is far cheaper than compiling even a tiny program, and a pruning run compiles
+        hundreds of them (docs/performance-log.md).
 
     Raises:
       ValueError: ``min_compile_secs`` negative or not finite.

@@ -140,8 +140,8 @@ class MaskedCounter:
     """:func:`count_masked` for one model and graph, its per-model work done once.
 
     A target search counts the masks of every candidate threshold or lambda (dozens per
-    search); reading the model's parameter tree each time cost a ResNet-56 about 0.1 s
-    per count. ``MaskedCounter(model, graph, policy)(masks)`` equals
+    search), and reading the model's parameter tree for each count would dominate it
+    (docs/performance-log.md). ``MaskedCounter(model, graph, policy)(masks)`` equals
     ``count_masked(model, graph, masks, policy)``.
     """
 

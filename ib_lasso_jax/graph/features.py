@@ -81,8 +81,7 @@ def capture(graph: coupling.ChannelGraph, variables: Sequence) -> Any:
 
     Functions are cached by the program's structure (its text, constants and the positions
     of ``variables``), not by the graph object: every pruning call re-traces its model, and
-    without this each call would compile its feature program again (about 1 s for VGG-16,
-    1.6 s for ResNet-56 on a CPU).
+    without this each call would compile its feature program again (docs/performance-log.md).
     """
     closed = graph.jaxpr
     text = str(closed.jaxpr)

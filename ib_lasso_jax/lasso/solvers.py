@@ -97,8 +97,8 @@ def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-# The input checks and conversions as single programs: op by op, each primitive compiled a
-# program of its own for every layer shape (10 per shape).
+# The input checks and conversions as single programs: op by op, each primitive would compile a
+# program of its own for every layer shape.
 @jax.jit
 def _all_finite(a):
     return jnp.all(jnp.isfinite(a))
@@ -340,11 +340,10 @@ class StructuredLasso:
         tol: tolerance on the stopping quantity (see ``criterion``), or on jaxopt's
             fixed-point residual (backend ``"jaxopt"``). Default for ``"objective"``:
             ``1e-10`` in float64 and ``1e-6`` in float32 (objective round-off); for
-            ``"residual"``: ``1e-8`` and ``3e-4`` (on a 256-channel layer: 1.7e-6 relative
-            suboptimality over a 64-lambda path, against 4e-5 for cold solves under the
-            objective rule). The objective-change rule stops when progress per step is small,
-            which for FISTA leaves a suboptimality of a few times the last change -- and much
-            more when ``L`` is large (small ``mu``): lower ``tol`` there.
+            ``"residual"``: ``1e-8`` and ``3e-4`` (their accuracy: docs/performance-log.md).
+            The objective-change rule stops when progress per step is small, which for FISTA
+            leaves a suboptimality of a few times the last change -- and much more when ``L``
+            is large (small ``mu``): lower ``tol`` there.
         acceleration: FISTA momentum.
         criterion: ``"objective"`` (relative objective change; cold starts) or
             ``"residual"`` (relative gradient mapping: zero exactly at a minimiser, so it

@@ -389,9 +389,9 @@ def with_output_node(structure: ClassGraph | ClassTree) -> ClassGraph | ClassTre
     - a :class:`ClassGraph` gains an edge ``(0, c + 1)`` of weight ``1 / classes`` to every
       class, so the fusion pulls each class's coefficient toward the whole-output one (the
       strong-fusion limit is one coefficient per channel fitted to all responses together);
-      the hub's edges together weigh as much as one edge of weight 1, since at weight 1 each
-      they multiplied the whole-output coefficient's penalty by ``1 + gamma * classes`` and
-      starved the layers whose class columns disagree with it (docs/sglp-ib.md);
+      the hub's edges together weigh as much as one edge of weight 1: at weight 1 each they
+      would multiply the whole-output coefficient's penalty by ``1 + gamma * classes`` and
+      starve the layers whose class columns disagree with it (docs/design-decisions.md);
     - a :class:`ClassTree` gains node 0 as a leaf directly under the root, whose group then
       holds every column; its weight is Kim & Xing's for a leaf under the root,
       ``s_root = h_root`` (1 for a tree from :func:`class_tree`), and every other node keeps

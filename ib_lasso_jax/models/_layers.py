@@ -53,10 +53,9 @@ def im2col_applies(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=N
 
     On a CPU backend, for a plain NHWC/HWIO convolution (no dilation, no groups, explicit
     non-negative padding) whose output map has at most :data:`IM2COL_MAX_POSITIONS`
-    positions. XLA:CPU runs such tiny-spatial convolutions up to 74x slower than the same
-    arithmetic as one matmul (3x3, 512 -> 512 channels on a 2x2 map, batch 64: 832 ms
-    against 11 ms; the gradient 833 vs 20 ms), and they are the last stage of every CIFAR
-    VGG; from 3x3 maps on the two are comparable. See docs/latency.md.
+    positions. XLA:CPU runs such tiny-spatial convolutions many times slower than the same
+    arithmetic as one matmul, and they are the last stage of every CIFAR VGG; from 3x3 maps
+    on the two are comparable (docs/latency.md, docs/performance-log.md).
     """
     if _NATIVE.get() or jax.default_backend() != "cpu":
         return False
@@ -125,10 +124,10 @@ class RunningStat(nnx.BatchStat):
     ``nnx.BatchNorm`` updates its statistics with ``self.mean[...] = new``; flax's
     ``Variable.set_value`` then compares the shardings of the old and new values, and reading
     ``.sharding`` of a tracer raises an AttributeError whose message JAX builds by walking
-    the whole trace so far. Tracing a training step therefore cost O(depth^2): 12.0 s for a
-    (shrunk) ResNet-110 against 3.7 s with this class. A whole-array assignment of a value of
-    the same shape and dtype here replaces the value directly, which is what flax does after
-    that comparison; anything else goes through flax.
+    the whole trace so far, so tracing a training step would cost O(depth^2)
+    (docs/performance-log.md). A whole-array assignment of a value of the same shape and dtype
+    here replaces the value directly, which is what flax does after that comparison; anything
+    else goes through flax.
     """
 
     def __setitem__(self, key, value) -> None:

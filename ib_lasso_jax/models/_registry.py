@@ -20,14 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-# Input shape (H, W, C) and class count per data set name: what `--dataset` means everywhere.
+from ib_lasso_jax.data.info import DATASET_INFO
+
+# Input shape (H, W, C) and class count per data set name: what `--dataset` means everywhere,
+# read off the one data-set table.
 DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
-    "mnist": ((28, 28, 1), 10),
-    "mnist5k": ((28, 28, 1), 10),
-    "digits": ((8, 8, 1), 10),
-    "cifar10": ((32, 32, 3), 10),
-    "cifar100": ((32, 32, 3), 100),
-    "imagenet2012": ((224, 224, 3), 1000),
+    name: (info.input_shape, info.num_classes) for name, info in DATASET_INFO.items()
 }
 
 
@@ -173,9 +171,8 @@ def _build_abstract(name, num_classes, input_shape, widths, options) -> nnx.Modu
     widths = entry.default_widths() if widths is None else widths
     widths = json.loads(json.dumps(widths))  # canonical plain data (tuples -> lists)
     shape = tuple(int(s) for s in input_shape)
-    # Build the structure abstractly (shapes only); `create` then fills it in NumPy. JAX's
-    # random initialisers compile one XLA program per parameter shape (about a second each
-    # on a small CPU), which made creating a CIFAR ResNet take 15 s; this takes about one.
+    # Shapes only, filled in NumPy by `create`: JAX's random initialisers would compile one XLA
+    # program per parameter shape (docs/performance-log.md).
     model = nnx.eval_shape(
         lambda: entry.builder(int(num_classes), shape, widths, rngs=_ShapeOnlyRngs(), **options)
     )
@@ -187,7 +184,7 @@ class _ShapeOnlyRngs:
     """Stands in for ``nnx.Rngs`` while a model is built for its shapes only.
 
     Under ``nnx.eval_shape`` a real ``nnx.Rngs`` updates its counters as traced values, which
-    costs flax several milliseconds per layer (6 s for ResNet-110); initial values are
+    costs flax several milliseconds per layer (docs/performance-log.md); initial values are
     replaced by :func:`initialise` anyway, so a constant key is enough.
     """
 

@@ -37,10 +37,8 @@ Pruning (``prune(model, calib, "entropic", target_flops=...)``):
    last grid index at which it is kept, plus ``w_c / max(w)`` there as a fraction. The
    common path then searches one keep ratio for every group (with the per-layer floor) to
    hit the FLOPs / params target and adds or removes single channels by score to land
-   within tolerance. (A single global ``eps_W`` knob across layers was tried first: on
-   LeNet-5 the relative weights are not comparable across layers and it emptied fc2 to 5 of
-   84 channels at 70% sparsity, 74% accuracy; the per-layer ranking with a common ratio is
-   what ships.)
+   within tolerance. (Per-layer ranking, not one global ``eps_W``: the relative weights are
+   not comparable across layers; docs/design-decisions.md.)
 3. ``finalize`` (after surgery): the consumers of the pruned groups, in network order, get
    new weights. For each: inputs from the *already pruned and reconstructed* network,
    targets the *original* network's pre-activation outputs (at the consumer's kept output

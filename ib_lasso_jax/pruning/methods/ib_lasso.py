@@ -173,8 +173,7 @@ def _describe(structure) -> dict:
 
 
 # "auto" takes the exact fusion prox up to this many graph edges, Chen et al.'s smoothing above:
-# the exact prox's dual solve per step grows with the edges (a 100-class graph with 4950 edges:
-# 545 s against 15 s for a ResNet-20 prune, docs/sglp-ib.md).
+# the exact prox's dual solve per step grows with the edges (docs/performance-log.md).
 EXACT_MAX_EDGES = 128
 
 
@@ -209,8 +208,8 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mod
         but every member runs until the slowest has converged.
       ``"path"``: :meth:`~ib_lasso_jax.lasso.solvers.StructuredLasso.path`, the lambdas from the
         largest down in one ``lax.scan``, each warm-started from the last and stopped on the
-        gradient-mapping residual. On one CPU device it was 1.4x faster than ``"vmap"`` for 64
-        lambdas and more accurate (docs/sglp-ib.md, benchmark 3).
+        gradient-mapping residual: on one CPU device warm starts do less work than a batched
+        grid, and the residual rule is the more accurate stop (docs/performance-log.md).
       ``"auto"``: ``"path"`` on one CPU device, ``"vmap"`` otherwise.
     """
     if mode not in GRID_MODES:

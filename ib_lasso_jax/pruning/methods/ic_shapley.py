@@ -21,11 +21,10 @@ arXiv 2408.16772 (METHODS.md section 4). Two stages, on the common pruning path:
    information: prune harder), keeping ``max(floor_l, ceil((1 - r_l) C_l))`` channels; the
    one knob ``s`` is bisected to hit the FLOPs/params target. Counts are monotone in ``s``.
    ``spread = 1`` is the bare rule ``r_l = s' (1 - IC_l)``: the most concentrated layer is
-   never pruned, so the others absorb the whole budget and, on mnist5k, the first conv fell
-   to one channel (35.9% accuracy at FLOPs -50%). ``spread = 0`` is a uniform ratio. The
-   default ``0.25`` keeps IC's ordering while bounding the ratios of any two layers within a
-   factor of 4/3: in the ablation (docs/ic-shapley.md) it was as good as uniform ratios within
-   the seed spread, and larger spreads were worse (-20 points at FLOPs -70% for 0.5).
+   never pruned, so the others absorb the whole budget (a first conv can fall to one
+   channel). ``spread = 0`` is a uniform ratio. The default ``0.25`` keeps IC's ordering while
+   bounding the ratios of any two layers within a factor of 4/3 (the ablation behind it:
+   docs/ic-shapley.md, docs/design-decisions.md).
 
 2. **Which channels.** Within each layer, the Shapley value of each channel in the game
    "channels of this layer kept -> value", estimated by Monte-Carlo permutations
@@ -220,10 +219,9 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
       mode: how the ``B`` coalitions of a call run. ``"vmap"``: batched; every coalition
         scales the weights differently, so each convolution becomes a grouped convolution
         over ``B`` weight sets. ``"map"``: one after another inside the compiled call
-        (``jax.lax.map``), each an ordinary forward pass. On a 2-core CPU ``"map"`` was 3.3x
-        faster (ResNet-20, 16 coalitions of 64 images: 1.8 s against 6.0 s), as XLA:CPU runs
-        grouped convolutions slowly. ``"auto"``: ``"map"`` on a CPU, ``"vmap"`` on an
-        accelerator (where grouped convolutions are native; not measured on this project's machines).
+        (``jax.lax.map``), each an ordinary forward pass, faster on a CPU because XLA:CPU runs
+        grouped convolutions slowly (docs/performance-log.md). ``"auto"``: ``"map"`` on a CPU,
+        ``"vmap"`` on an accelerator (where grouped convolutions are native).
 
     Returns:
       ``values(group, masks)``.
