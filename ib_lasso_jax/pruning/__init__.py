@@ -11,7 +11,7 @@ from ib_lasso_jax.pruning.api import (
     available_methods,
     check_options,
     floor_counts,
-    masks_from_scores,
+    method_info,
     method_options,
     prune,
     refine_to_target,
@@ -19,14 +19,19 @@ from ib_lasso_jax.pruning.api import (
     round_masks,
     search_knob,
 )
+from ib_lasso_jax.pruning.selection import Selection, exit_points, from_scores, masks_from_scores
 
 __all__ = [
     "MethodContext",
     "PruneReport",
+    "Selection",
     "available_methods",
     "check_options",
+    "exit_points",
     "floor_counts",
+    "from_scores",
     "masks_from_scores",
+    "method_info",
     "method_options",
     "prune",
     "refine_to_target",

@@ -2,15 +2,17 @@
 
 A method is a small *scoring rule* or *selection rule* plugged into one path::
 
-    calibration data -> (features) -> per-group scores or masks -> target search -> keep
-    masks -> surgery -> report
+    calibration data -> (features) -> per-group scores or a Selection -> target search
+    -> keep masks -> surgery -> report
 
-Score-based methods (``l1-norm``, ``bn-scale``, ``hrank``, ``random``) rank the channels of
-each group; one global knob, the keep ratio applied to every group (with a per-layer floor),
-is bisected until the pruned network's FLOPs (or params) reduction hits the target within
-tolerance. Methods that choose the channels themselves as a function of one global
-parameter (the structured-lasso methods' lambda) register a ``select(knob) -> masks``
-rule and go through the same search.
+Every method reaches the search as a :class:`~ib_lasso_jax.pruning.selection.Selection`: keep
+masks as a monotone function of one global knob. Score-based methods (``l1-norm``,
+``bn-scale``, ``hrank``, ``random``, ``dwgl``, ``entropic``) rank the channels of each group and
+become a selection whose knob is the fraction of every group removed (with a per-layer floor);
+methods that choose the per-layer widths themselves (the structured-lasso methods' lambda,
+information concentration) build their own. The knob is bisected until the pruned network's
+FLOPs (or params, or latency) reduction hits the target within tolerance, then the masks are
+moved channel by channel onto it.
 
 Targets are *reductions*: ``target_flops=0.6`` removes 60% of the FLOPs (the papers'
 "FLOPs -61%"). Or give ``keep_ratios`` (one float, or a ratio per group) explicitly.
@@ -33,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from ib_lasso_jax.graph import counting, coupling, surgery
+from ib_lasso_jax.pruning.selection import Selection, from_scores, masks_from_scores
 
 __all__ = [
     "MethodContext",
@@ -70,9 +73,9 @@ class MethodContext:
 class _Method:
     name: str
     needs_data: bool
-    # Either scores(ctx) -> {group: scores} or selector(ctx) -> (select(knob) -> masks, lo, hi, log)
+    # Either scores(ctx) -> {group: scores} or selection(ctx) -> Selection.
     scores: Callable[[MethodContext], dict[str, np.ndarray]] | None
-    selector: Callable[[MethodContext], Any] | None
+    selection: Callable[[MethodContext], Selection] | None
     description: str
     # prepare(ctx) -> model: e.g. a sparsity-training phase; the returned model is pruned.
     prepare: Callable[[MethodContext], nnx.Module] | None = None
@@ -81,23 +84,27 @@ class _Method:
     default_policy: str | None = None
     # check_options(ctx) -> options: ValueError naming a bad option; ctx may hold only the options.
     check_options: Callable[[MethodContext], Any] | None = None
+    # Cost knobs a smoke run (seconds on a CPU) overrides, and the method a smoke run of a
+    # data set with too many classes for a class-balanced set of 64 images uses instead.
+    smoke_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    smoke_substitute: str | None = None
 
 
 _METHODS: dict[str, _Method] = {}
 
 
-def register_method(name: str, *, scores=None, selector=None, needs_data: bool = True, description: str = "",
-                    prepare=None, finalize=None, default_policy: str | None = None, check_options=None):
+def register_method(name: str, *, scores=None, selection=None, needs_data: bool = True, description: str = "",
+                    prepare=None, finalize=None, default_policy: str | None = None, check_options=None,
+                    smoke_options: Mapping[str, Any] | None = None, smoke_substitute: str | None = None):
     """Register a pruning method by a scoring rule or a selection rule (exactly one).
 
     Args:
       name: the method's name in ``prune(..., method=name)``.
-      scores: ``scores(ctx) -> {group: per-channel scores}`` (higher = keep); the common
-        keep-ratio search turns them into masks.
-      selector: ``selector(ctx) -> (select, lo, hi, log)`` with ``select(knob) -> masks``
-        monotone in the knob (a larger knob prunes more), searched on ``[lo, hi]``.
-        Optional attributes ``select.scores_at(knob)`` (per-channel scores for the final
-        channel-level refinement) and ``select.knob_value(knob)`` (what to report).
+      scores: ``scores(ctx) -> {group: per-channel scores}`` (higher = keep), made a
+        :class:`~ib_lasso_jax.pruning.selection.Selection` by
+        :func:`~ib_lasso_jax.pruning.selection.from_scores` (one keep ratio for every group).
+      selection: ``selection(ctx) -> Selection``: keep masks as a monotone function of one
+        knob, searched by :func:`prune`, for methods that choose their own per-layer widths.
       needs_data: the method needs calibration ``(images, labels)``.
       description: one line for listings.
       prepare: ``prepare(ctx) -> model`` run first (e.g. sparsity training); the model it
@@ -110,13 +117,25 @@ def register_method(name: str, *, scores=None, selector=None, needs_data: bool =
         :func:`method_options`). :func:`prune` calls it before any work; :func:`check_options`
         calls it with a context holding only the options (``model``, ``groups``, ... ``None``),
         so checks that need the model must skip themselves there.
+      smoke_options: option overrides of a smoke run (cost knobs only: grid sizes, iterations).
+      smoke_substitute: the method a smoke run uses when the data set has more classes than a
+        64-image calibration set can balance (a class-wise method falls back to its class-free
+        engine).
     """
-    if (scores is None) == (selector is None):
-        raise ValueError("register_method needs exactly one of scores= or selector=")
+    if (scores is None) == (selection is None):
+        raise ValueError("register_method needs exactly one of scores= or selection=")
     if name in _METHODS:
         raise ValueError(f"pruning method {name!r} is already registered")
-    _METHODS[name] = _Method(name, needs_data, scores, selector, description, prepare, finalize, default_policy,
-                             check_options)
+    _METHODS[name] = _Method(name, needs_data, scores, selection, description, prepare, finalize, default_policy,
+                             check_options, dict(smoke_options or {}), smoke_substitute)
+
+
+def method_info(name: str) -> _Method:
+    """The registry's record of ``name`` (its hooks, smoke options, description); ValueError if unknown."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; valid methods are: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
 
 
 def available_methods() -> list[str]:
@@ -125,24 +144,8 @@ def available_methods() -> list[str]:
 
 
 def _load_builtin_methods():
-    import importlib
-
-    from ib_lasso_jax.pruning.methods import (
-        baselines,  # noqa: F401  (registers on import)
-        ib_lasso,
-    )
-
-    # ib_lasso registers its methods without the hook; its option check is ib_lasso._options.
-    for name in ("hsic-lasso", "sglp-ib", "stlp-ib"):
-        if name in _METHODS and _METHODS[name].check_options is None:
-            _METHODS[name] = dataclasses.replace(_METHODS[name], check_options=ib_lasso._options)
-
-    for optional in ("dwgl", "entropic", "ic_shapley"):  # the other seed methods, as they land
-        try:
-            importlib.import_module(f"ib_lasso_jax.pruning.methods.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name != f"ib_lasso_jax.pruning.methods.{optional}":
-                raise
+    # Importing a method module registers its methods.
+    from ib_lasso_jax.pruning.methods import baselines, dwgl, entropic, ib_lasso, ic_shapley  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -249,20 +252,6 @@ def floor_counts(groups: Mapping[str, coupling.ChannelGroup], floor: int | float
         k = int(floor) if isinstance(floor, int) else math.ceil(floor * g.size)
         out[n] = min(g.size, max(1, k))
     return out
-
-
-def masks_from_scores(scores: Mapping[str, np.ndarray], ratio: float | Mapping[str, float],
-                      floors: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Keep the top ``ceil(ratio * size)`` channels of each group by score (ties: lower index)."""
-    masks = {}
-    for n, s in scores.items():
-        r = ratio[n] if isinstance(ratio, Mapping) else ratio
-        k = min(len(s), max(floors[n], math.ceil(r * len(s) - 1e-9)))
-        order = np.lexsort((np.arange(len(s)), -np.asarray(s, np.float64)))
-        m = np.zeros(len(s), bool)
-        m[order[:k]] = True
-        masks[n] = m
-    return masks
 
 
 def _rounded_count(k: int, size: int, round_to: int, floor: int) -> int:
@@ -497,6 +486,9 @@ def prune(
         raise ValueError(f"tolerance={tolerance!r} is not valid; valid values: the relative tolerance on the target, "
                          "a number in (0, 1) (0.01: within 1%)")
     spec = _METHODS[method]
+    if keep_ratios is not None and spec.scores is None:  # before any costly step
+        raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops, target_params "
+                         "or target_latency")
     if policy is None:
         policy = spec.default_policy or "inner"
     images = labels = None
@@ -543,62 +535,38 @@ def prune(
         p, f = count(masks)
         return (1 - f / flops0) if target_params is None else (1 - p / params0)
 
-    knob = None
     if spec.scores is not None:
         scores = spec.scores(ctx)
         _check_scores(scores, groups, method)
-        if keep_ratios is not None:
-            if isinstance(keep_ratios, Mapping):
-                unknown = set(keep_ratios) - set(groups)
-                if unknown:
-                    raise ValueError(f"keep_ratios names unknown groups {sorted(unknown)}; valid: {', '.join(groups)}")
-                ratios = {n: float(keep_ratios.get(n, 1.0)) for n in groups}
-            else:
-                ratios = float(keep_ratios)
-            for r in (ratios.values() if isinstance(ratios, dict) else [ratios]):
-                if not 0.0 < r <= 1.0:
-                    raise ValueError(f"keep ratios must be in (0, 1]; got {r!r}")
-            masks = round_masks(masks_from_scores(scores, ratios, floors), scores, round_to, floors)
-        else:
-            target = _target_value(target_flops, target_params, target_latency)
-            fewest = masks_from_scores(scores, 0.0, floors)
-            most = reduction(round_masks(fewest, scores, round_to, floors))
-            if most < target * (1 - tolerance):
-                _unreachable(target, target * (1 - tolerance), most, reduction(fewest), floor, round_to,
-                             "keeping only the floor", predict)
-            knob, _, iters = search_knob(
-                lambda r: reduction(round_masks(masks_from_scores(scores, r, floors), scores, round_to, floors)),
-                target, 0.0, 1.0, tol=tolerance, increasing=False, max_iter=30)
-            masks = round_masks(masks_from_scores(scores, knob, floors), scores, round_to, floors)
-            masks = refine_to_target(masks, scores, reduction, target, tolerance, step=step)
-            ctx.info["search_iterations"] = iters
+        selection = from_scores(scores, floors)
     else:
-        select0, lo, hi, log = spec.selector(ctx)
-        if step > 1 and not hasattr(select0, "scores_at"):
-            raise ValueError(f"method {method!r} does not expose channel scores; round_to is not supported for it")
+        selection = spec.selection(ctx)
+        if not isinstance(selection, Selection):
+            raise TypeError(f"method {method!r}: its selection hook must return a Selection; got "
+                            f"{type(selection).__name__}")
+    if step > 1 and selection.scores_at is None:
+        raise ValueError(f"method {method!r} does not expose channel scores; round_to is not supported for it")
 
-        def select(k, select0=select0):
-            masks = select0(k)
-            return round_masks(masks, select0.scores_at(k), round_to, floors) if step > 1 else masks
+    def select(k):
+        masks = selection.select(k)
+        return round_masks(masks, selection.scores_at(k), round_to, floors) if step > 1 else masks
 
-        for attr in ("scores_at", "knob_value"):
-            if hasattr(select0, attr):
-                setattr(select, attr, getattr(select0, attr))
-        if keep_ratios is not None:
-            raise ValueError(f"method {method!r} chooses its own per-layer widths; give target_flops, target_params "
-                             "or target_latency")
+    knob = None
+    if keep_ratios is not None:
+        masks = round_masks(selection.at_ratios(_keep_ratios(keep_ratios, groups)), selection.scores_at(0.0),
+                            round_to, floors)
+    else:
         target = _target_value(target_flops, target_params, target_latency)
-        most = reduction(select(hi))
+        most = reduction(select(selection.hi))
         if most < target * (1 - tolerance):
-            _unreachable(target, target * (1 - tolerance), most, reduction(select0(hi)), floor, round_to,
-                         "the strongest setting", predict)
-        knob, _, iters = search_knob(lambda k: reduction(select(k)), target, lo, hi, tol=tolerance,
-                                     increasing=True, log=log, max_iter=30)
+            _unreachable(target, target * (1 - tolerance), most, reduction(selection.select(selection.hi)), floor,
+                         round_to, selection.strongest, predict)
+        knob, _, iters = search_knob(lambda k: reduction(select(k)), target, selection.lo, selection.hi,
+                                     tol=tolerance, increasing=True, log=selection.log, max_iter=30)
         masks = select(knob)
-        if hasattr(select, "scores_at"):  # land within tolerance channel by channel
-            masks = refine_to_target(masks, select.scores_at(knob), reduction, target, tolerance, step=step)
-        if hasattr(select, "knob_value"):
-            knob = select.knob_value(knob)
+        if selection.scores_at is not None:  # land within tolerance channel by channel
+            masks = refine_to_target(masks, selection.scores_at(knob), reduction, target, tolerance, step=step)
+        knob = selection.knob_value(knob)
         ctx.info["search_iterations"] = iters
 
     if predict is not None:  # the layers' share, to compare with the measured pruned model
@@ -628,6 +596,21 @@ def prune(
         predicted_latency_after=None if predict is None else predict(masks),
     )
     return small, report
+
+
+def _keep_ratios(keep_ratios, groups) -> float | dict[str, float]:
+    """``keep_ratios`` checked: one ratio, or a ratio per group name (missing groups keep all)."""
+    if isinstance(keep_ratios, Mapping):
+        unknown = set(keep_ratios) - set(groups)
+        if unknown:
+            raise ValueError(f"keep_ratios names unknown groups {sorted(unknown)}; valid: {', '.join(groups)}")
+        ratios = {n: float(keep_ratios.get(n, 1.0)) for n in groups}
+    else:
+        ratios = float(keep_ratios)
+    for r in (ratios.values() if isinstance(ratios, dict) else [ratios]):
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"keep ratios must be in (0, 1]; got {r!r}")
+    return ratios
 
 
 def _target_value(target_flops, target_params, target_latency) -> float:

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph import coupling, trace
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
@@ -179,11 +179,11 @@ def _batchnorm_producers(model: nnx.Module, graph: coupling.ChannelGraph) -> dic
             env[v] = (False, frozenset())
 
         def read(v):
-            return (False, frozenset()) if isinstance(v, coupling.jcore.Literal) else env.get(v, (False, frozenset()))
+            return (False, frozenset()) if isinstance(v, trace.jcore.Literal) else env.get(v, (False, frozenset()))
 
         for eqn in jaxpr.eqns:
             vals = [read(v) for v in eqn.invars]
-            sub = coupling._inner_jaxpr(eqn)
+            sub = trace._inner_jaxpr(eqn)
             if sub is not None:
                 inner, _ = sub
                 if len(inner.invars) == len(vals):
@@ -601,5 +601,7 @@ def dwgl_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
 
 
 register_method("dwgl", scores=dwgl_scores, needs_data=True, prepare=_prepare, default_policy="coupled",
+                # sparsity training: a few steps on the calibration set instead of epochs of the data set
+                smoke_options={"steps": 3, "epochs": None, "dataset": None, "image_size": None, "batch_size": 8},
                 description="directed-weighting group lasso sparsity training + coupled-group vote (Zhan et al. 2019)",
                 check_options=lambda ctx: _check_options(ctx.options))

@@ -76,6 +76,7 @@ from flax import nnx
 from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.graph.features import capture, padded_batches
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
+from ib_lasso_jax.pruning.selection import exit_points
 
 __all__ = [
     "EntropicSolution",
@@ -441,7 +442,6 @@ def entropic_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
     opts = _options(ctx)
     t0 = time.perf_counter()
     eps = np.geomspace(opts["eps_max"], opts["eps_max"] * opts["eps_range"], opts["grid"]).astype(np.float32)
-    G = len(eps)
     scores, widths_at, change = {}, {}, {}
     for name in ctx.groups:
         consumer = ctx.graph.observation(name).consumer
@@ -453,9 +453,7 @@ def entropic_scores(ctx: MethodContext) -> dict[str, np.ndarray]:
         w = np.asarray(sol.w)[:, mo.group_units]  # (G, C)
         rel = w / w.max(axis=1, keepdims=True)
         kept = rel > opts["tau"]
-        last = np.where(kept.any(0), G - 1 - np.argmax(kept[::-1], axis=0), -1)
-        at = rel[np.clip(last, 0, G - 1), np.arange(w.shape[1])]
-        scores[name] = np.where(last >= 0, last + at * (1 - 1e-6), -1 + 1e-3 * rel[0]).astype(np.float64)
+        scores[name] = exit_points(kept, rel)
         widths_at[name] = kept.sum(1).tolist()
         change[name] = float(np.asarray(sol.error).max())
     ctx.info.update(eps_w_grid=eps.tolist(), kept_along_grid=widths_at, max_final_rel_change=change,
@@ -567,4 +565,6 @@ def _finalize(ctx: MethodContext, small: nnx.Module, masks) -> nnx.Module:
 
 
 register_method("entropic", scores=entropic_scores, finalize=_finalize, check_options=_options,
+                # eps_W sweep, alternating iterations and w-steps of the entropic solves
+                smoke_options={"grid": 2, "maxiter": 4, "w_steps": 2},
                 description="generalised entropic sparsification + reconstruction (Barisin & Horenko 2024)")

@@ -54,7 +54,7 @@ from flax import nnx
 from ib_lasso_jax.graph.features import iter_features, padded_batches
 from ib_lasso_jax.lasso import gram, structures
 from ib_lasso_jax.lasso.solvers import StructuredLasso, gram_lipschitz
-from ib_lasso_jax.pruning import MethodContext, masks_from_scores, method_options, register_method
+from ib_lasso_jax.pruning import MethodContext, method_options, register_method, selection
 
 __all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 
@@ -64,6 +64,8 @@ DEFAULTS = dict(kernel="gaussian", response="R2", profiles="logits", rho=0.6, li
                 structure_weight=0.7, output_weight=3.0, allocation="global", graph_method="auto",
                 nonneg=False, grid=48, lam_range=1e-4, mu=0.1, maxiter=500, batch_size=128, grid_mode="auto",
                 inspect=None)
+# A smoke run's lambda grid and proximal-gradient iterations.
+_SMOKE = {"grid": 6, "maxiter": 30}
 GRID_MODES = ("auto", "vmap", "path")
 ALLOCATIONS = ("global", "layer", "uniform")
 
@@ -328,19 +330,9 @@ def _select_factory(method: str):
                         solver_iterations=int(sum(int(i.sum()) for i in iters.values())),
                         seconds_solve=round(time.perf_counter() - t0 - t_stats, 2),
                         max_solver_iterations={n: int(i.max()) for n, i in iters.items()})
-        # Each channel's "exit point" on the lambda path: 1 + the last grid index at which
-        # its row is non-zero, plus a fraction in [0, 1) from its row norm there (a larger
-        # row leaves later). Keeping the channels whose exit point exceeds a threshold t
-        # reproduces the lambda grid's masks at integer t (for a monotone path) and moves
-        # one channel at a time in between, so the search lands on the target exactly.
+        # Thresholding each channel's exit point on the lambda path moves one channel at a time.
         G = len(lams)
-        exit_points = {}
-        for n in ctx.groups:
-            nz = norms[n] > 0  # (G, C)
-            last = np.where(nz.any(0), G - 1 - np.argmax(nz[::-1], axis=0), -1)
-            at = norms[n][np.clip(last, 0, G - 1), np.arange(nz.shape[1])]
-            frac = at / (at.max() + 1e-30) * (1 - 1e-6)
-            exit_points[n] = np.where(last >= 0, last + frac, -1 + 1e-3 * norms[n][0] / (norms[n][0].max() + 1e-30))
+        exit_points = {n: selection.exit_points(norms[n] > 0, norms[n]) for n in ctx.groups}
         ctx.info["lambda_grid"] = {"lambdas": len(lams), "min": float(lams[0]), "max": float(lams[-1]),
                                    "allocation": opts["allocation"], "output_weight": hub}
         if opts["inspect"] is not None:  # one layer's whole path, for plots (the paper's "linkage matrix")
@@ -351,12 +343,9 @@ def _select_factory(method: str):
                 "columns": ["output"] if method == "hsic-lasso"
                 else (["output"] if hub else []) + [str(c) for c in range(num_classes)],
                 "structure": _describe(structure) if structure is not None else None}
-        if opts["allocation"] == "uniform":
-            def select(knob: float):  # knob: the fraction of every layer removed (floors kept)
-                return masks_from_scores(exit_points, 1.0 - knob, ctx.floors)
-
-            select.scores_at = lambda knob: exit_points
-            return select, 0.0, 1.0, False
+        if opts["allocation"] == "uniform":  # knob: the fraction of every layer removed (floors kept)
+            return selection.from_scores(exit_points, ctx.floors)._replace(
+                knob_value=float, at_ratios=None, strongest="the strongest setting")
 
         def select(knob: float):
             masks = {}
@@ -369,19 +358,21 @@ def _select_factory(method: str):
                 masks[n] = keep
             return masks
 
-        select.scores_at = lambda knob: exit_points
         # The knob t sits between grid lambdas floor(t) and floor(t) + 1: report the former
         # (relative to each layer's lambda_max under the "layer" allocation).
         scale = lams if opts["allocation"] == "global" else rel
-        select.knob_value = lambda knob: float(scale[int(np.clip(np.floor(knob), 0, G - 1))])
-        return select, -1.0, float(G), False
+        return selection.Selection(select, -1.0, float(G), scores_at=lambda knob: exit_points,
+                                   knob_value=lambda knob: float(scale[int(np.clip(np.floor(knob), 0, G - 1))]))
 
     return selector
 
 
-register_method("hsic-lasso", selector=_select_factory("hsic-lasso"),
+register_method("hsic-lasso", selection=_select_factory("hsic-lasso"), check_options=_options,
+                smoke_options=_SMOKE,
                 description="HSIC lasso on the consumer's output kernel (APIB, Guo et al. 2023)")
-register_method("sglp-ib", selector=_select_factory("sglp-ib"),
+register_method("sglp-ib", selection=_select_factory("sglp-ib"), check_options=_options,
+                smoke_options=_SMOKE, smoke_substitute="hsic-lasso",
                 description="sparse graph-structured lasso with class-wise information (Liu et al. 2025)")
-register_method("stlp-ib", selector=_select_factory("stlp-ib"),
+register_method("stlp-ib", selection=_select_factory("stlp-ib"), check_options=_options,
+                smoke_options=_SMOKE, smoke_substitute="hsic-lasso",
                 description="sparse tree-guided lasso with class-wise information (Liu et al. 2025)")

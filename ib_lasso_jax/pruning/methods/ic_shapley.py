@@ -70,6 +70,7 @@ from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.graph.features import capture, iter_features
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.pruning.methods import shapley
+from ib_lasso_jax.pruning.selection import Selection
 
 try:
     from jax.extend import core as jcore
@@ -469,13 +470,13 @@ def _selector(ctx: MethodContext):
             masks[n] = m
         return masks
 
-    select.scores_at = lambda s: values
-    select.knob_value = lambda s: float(s)
     d = dispersion(ic, spread)
     hi = 1.0 / d[d > 1e-9].min() * (1 + 1e-6) if (d > 1e-9).any() else 1.0
-    return select, 0.0, float(hi), False
+    return Selection(select, 0.0, float(hi), scores_at=lambda s: values, knob_value=float)
 
 
-register_method("ic-shapley", selector=_selector, check_options=_options,
+register_method("ic-shapley", selection=_selector, check_options=_options,
+                # Monte-Carlo permutations and the images they are played on
+                smoke_options={"permutations": 1, "shapley_samples": 8, "coalition_batch": 8, "bins": 8},
                 description="information concentration sets layer widths, Shapley values pick channels "
                             "(Chen & Wang 2024)")
