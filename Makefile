@@ -63,11 +63,10 @@ test-onnx: $(ONNX_STAMP)
 	$(ONNX_VENV)/bin/python -c "import jax2onnx, onnx, onnxruntime"
 	PYTHONDONTWRITEBYTECODE= $(ONNX_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs tests/test_export.py
 
-# Benchmarks print ratios measured side by side (no assertions).
+# Benchmarks print ratios measured side by side (no assertions): every one, on the backend JAX
+# finds (an accelerator when there is one), into one markdown report, results/bench.md.
 bench: $(STAMP)
-	$(RUN) experiments/bench_gram.py
-	$(RUN) experiments/bench_lambda.py
-	$(RUN) experiments/bench_latency.py
+	$(RUN) experiments/bench_all.py --out results/bench.md
 
 clean:
 	rm -rf $(VENV) $(ONNX_VENV) results .pytest_cache
