@@ -40,6 +40,9 @@ def _import_registry() -> types.ModuleType:
 
 _registry = _import_registry()
 checkpoint = importlib.import_module("ib_lasso_jax.checkpoint")
+# The modules whose own functions the interruption tests replace (each looks them up in itself).
+checkpoint_atomic = importlib.import_module("ib_lasso_jax.checkpoint.atomic")
+checkpoint_state = importlib.import_module("ib_lasso_jax.checkpoint.state")
 
 NAME = "_ckpt_test_cnn"
 
@@ -366,14 +369,14 @@ def test_interrupted_state_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     old = make_model(seed=0)
     checkpoint.save_model(path, old, metadata={"v": 1})
-    real_write = checkpoint._write_state
+    real_write = checkpoint_state._write_state
 
     def write_then_fail(directory, tree):
         real_write(directory, tree)  # the state is (partially) there ...
         (Path(directory) / "half_written.bin").write_bytes(b"\0" * 100)
         raise OSError("simulated: disk full while writing the state")
 
-    monkeypatch.setattr(checkpoint, "_write_state", write_then_fail)
+    monkeypatch.setattr(checkpoint_state, "_write_state", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_model(path, make_model(seed=1), metadata={"v": 2}, overwrite=True)
 
@@ -386,7 +389,7 @@ def test_failed_swap_is_rolled_back(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     old = make_model(seed=0)
     checkpoint.save_model(path, old)
-    real_rename, calls = checkpoint._rename, []
+    real_rename, calls = checkpoint_atomic._rename, []
 
     def rename_fails_second_time(src, dst):
         calls.append((src, dst))
@@ -394,10 +397,10 @@ def test_failed_swap_is_rolled_back(tmp_path, monkeypatch):
             raise OSError("simulated: rename of the new checkpoint failed")
         real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint, "_rename", rename_fails_second_time)
+    monkeypatch.setattr(checkpoint_atomic, "_rename", rename_fails_second_time)
     with pytest.raises(OSError, match="simulated"):
         checkpoint.save_model(path, make_model(seed=1), overwrite=True)
-    monkeypatch.setattr(checkpoint, "_rename", real_rename)
+    monkeypatch.setattr(checkpoint_atomic, "_rename", real_rename)
     _assert_same_state(old, checkpoint.restore_model(path))
     assert _siblings(path) == ["ckpt"]
 
@@ -409,7 +412,8 @@ _CRASH_SCRIPT = textwrap.dedent(
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod._register_tiny_model()
-    ckpt, real_rename, calls = mod.checkpoint, mod.checkpoint._rename, []
+    ckpt, atomic = mod.checkpoint, mod.checkpoint_atomic
+    real_rename, calls = atomic._rename, []
 
     def rename_then_die(src, dst):
         calls.append(src)
@@ -417,7 +421,7 @@ _CRASH_SCRIPT = textwrap.dedent(
             os._exit(17)  # a hard crash: no except/finally blocks run
         real_rename(src, dst)
 
-    ckpt._rename = rename_then_die
+    atomic._rename = rename_then_die
     new_model = ckpt.restore_model(sys.argv[3])
     ckpt.save_model(sys.argv[2], new_model, metadata={"v": 2}, overwrite=True)
     """

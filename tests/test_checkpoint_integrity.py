@@ -72,7 +72,7 @@ def _outcome(restore, original: dict) -> tuple[str, object]:
 
 def _unverified(monkeypatch, restore, original):
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "_verify_checksums", lambda *args: None)
+        m.setattr(checkpoint.layout, "_verify_checksums", lambda *args: None)
         return _outcome(restore, original)
 
 

@@ -15,6 +15,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from ib_lasso_jax import data as D  # noqa: E402
+from ib_lasso_jax.data import transforms  # noqa: E402
 
 N_MOCK = 48  # examples per split under mock_data (train and test hold the same examples)
 
@@ -190,21 +191,21 @@ def test_tfds_image_size_pad_and_bilinear(tmp_path):
 
 def test_bilinear_resize_matches_half_pixel_reference():
     x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
-    y = D._resize_bilinear(x, (16, 16))
+    y = transforms._resize_bilinear(x, (16, 16))
     # Half-pixel centres: output row 1 sits at input row 0.25, so it mixes rows 0 and 1 3:1.
     np.testing.assert_allclose(y[:, 1, 0], 0.75 * x[:, 0, 0] + 0.25 * x[:, 1, 0], rtol=1e-5)
     np.testing.assert_allclose(y[:, 0, 0], x[:, 0, 0], rtol=1e-6)  # edge clamps
-    np.testing.assert_array_equal(D._resize_nearest(x, (16, 16)), x.repeat(2, 1).repeat(2, 2))
+    np.testing.assert_array_equal(transforms._resize_nearest(x, (16, 16)), x.repeat(2, 1).repeat(2, 2))
 
 
 def test_eval_resize_and_random_resized_crop_geometry():
     img = np.arange(300 * 400 * 3, dtype=np.uint8).reshape(300, 400, 3)
-    assert D._resize_shorter_center_crop(img, 224).shape == (224, 224, 3)
+    assert transforms._resize_shorter_center_crop(img, 224).shape == (224, 224, 3)
     aug = D.AUGMENTATIONS["rrc"]
     rng = np.random.default_rng(0)
     for h, w in [(300, 400), (20, 500), (500, 20), (7, 9)]:
         for _ in range(50):
-            top, left, ch, cw = D._rrc_box(h, w, rng.random((10, 4)), aug)
+            top, left, ch, cw = transforms._rrc_box(h, w, rng.random((10, 4)), aug)
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
 
 

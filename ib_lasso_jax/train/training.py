@@ -9,26 +9,13 @@ Entry points (flax-examples style):
 * :func:`reestimate_batchnorm` ``(model, batches, num_batches)``: exact population
   BatchNorm statistics after surgery, no weight update.
 
-Conventions (see :class:`TrainConfig` for every knob):
-
-* **Weight decay.** ``optimizer='sgd'`` uses PyTorch's *coupled* L2, as HRank and APIB
-  trained their baselines: ``optax.add_decayed_weights(wd)`` is chained *before*
-  ``optax.sgd``, so ``g <- g + wd * w`` enters the momentum buffer (``torch.optim.SGD``
-  with ``weight_decay``; optax's trace ``t <- g + mu * t``, ``w <- w - lr * t`` is
-  PyTorch's dampening-0 momentum, Nesterov included). ``optimizer='adamw'`` uses decoupled
-  decay (``optax.adamw``). ``weight_decay_on='all'`` (default, as PyTorch's
-  ``model.parameters()``) decays every parameter, BatchNorm scale/shift and biases
-  included; ``'kernels'`` only conv/dense kernels.
-* **Schedules** are per step: linear warm-up from 0 over ``warmup_epochs``, then cosine
-  to ``learning_rate * min_lr_ratio`` at the last step, or multi-step decay by
-  ``decay_factor`` at each epoch of ``milestones`` (PyTorch ``MultiStepLR``), or constant.
-* **BatchNorm**: the train step runs the model in train mode (batch statistics, running
-  statistics updated with the layer's momentum); evaluation runs in eval mode.
-* **Step functions** are ``jax.jit`` over ``nnx.split`` state (``graphdef`` static,
-  ``params`` and the other variables as pytrees): pure, so a restored state continues
-  bit-for-bit, and shardable (params replicated, batch split over ``'data'``; see
-  :mod:`ib_lasso_jax.train.parallel`). Compiled steps are cached per model structure and
-  optimiser settings, so repeated runs in one process compile once.
+Conventions (see :class:`TrainConfig` for every knob): the optimiser and schedule (PyTorch's
+coupled L2 for SGD, warm-up then cosine or multi-step decay) are :mod:`ib_lasso_jax.train.optim`;
+the jitted steps over ``nnx.split`` state (pure, so a restored state continues bit-for-bit;
+data-parallel over :mod:`ib_lasso_jax.train.parallel`) are :mod:`ib_lasso_jax.train.steps`;
+evaluation and BatchNorm re-estimation are :mod:`ib_lasso_jax.train.evaluation`. Compiled
+steps are cached per model structure and optimiser settings, so repeated runs in one process
+compile once.
 
 Work directory layout::
 
@@ -37,7 +24,7 @@ Work directory layout::
       metrics.jsonl            one JSON line per `log_every_steps` (split "train": loss and
                                accuracy averaged over the steps since the previous train
                                line) and per evaluation (split "eval")
-      checkpoints/ckpt_<step>/ training checkpoints (checkpoint.save_pytree, atomic):
+      checkpoints/ckpt_<step>/ training checkpoints (ib_lasso_jax.checkpoint.series, atomic):
         train_state.json         step, data-iterator position (epoch, step), data seed,
                                  model spec, config, eval metrics, best accuracy so far,
                                  the sums of the train line in progress (log_window)
@@ -72,26 +59,33 @@ import functools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from ib_lasso_jax import checkpoint
-from ib_lasso_jax.checkpoint import CheckpointError
+from ib_lasso_jax.checkpoint import CheckpointError, series
+from ib_lasso_jax.checkpoint.model import _model_spec
+from ib_lasso_jax.checkpoint.series import (
+    CHECKPOINT_DIR,
+    DamagedCheckpointWarning,
+    _Damaged,
+    checkpoint_model_spec,
+    latest_checkpoint,
+)
 from ib_lasso_jax.models._registry import DATASETS, ModelSpec, create
 from ib_lasso_jax.models._registry import available as available_models
 from ib_lasso_jax.train import parallel
+from ib_lasso_jax.train.evaluation import _evaluate_state, evaluate, reestimate_batchnorm
+from ib_lasso_jax.train.optim import CHOICES, create_optimizer, create_schedule
+from ib_lasso_jax.train.steps import _place, _split, _to_batch, cross_entropy, make_eval_step, make_train_step
 
 __all__ = [
     "CHOICES",
@@ -111,17 +105,8 @@ __all__ = [
     "train_and_evaluate",
 ]
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("cosine", "step", "constant"),
-    "weight_decay_on": ("all", "kernels"),
-}
-"""Valid values of the string-choice fields of :class:`TrainConfig`."""
-
-CHECKPOINT_DIR = "checkpoints"
-TRAIN_STATE_FILE = "train_state.json"
-TRAIN_STATE_FORMAT = "ib_lasso_jax.train_state"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_STATE_FILE = series.TRAIN_STATE_FILE  # in every training checkpoint
 MODEL_DIR = "model"
 
 # Fields that may differ between a run and the run it resumes (they do not change the
@@ -323,168 +308,8 @@ def _check_keys(d: Iterable[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Loss, schedule, optimiser (pure)
+# Steps and data (the step functions: steps.py; evaluation: evaluation.py)
 # --------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing.
-
-    The target is ``(1 - a) * onehot + a / K`` (``optax.smooth_labels``; Szegedy et al.
-    2016, as ``torch.nn.CrossEntropyLoss(label_smoothing=a)``).
-
-    Args:
-      logits: ``(N, K)``.
-      labels: ``(N,)`` integer classes.
-      label_smoothing: ``a`` in ``[0, 1)``.
-
-    Returns:
-      ``(N,)`` losses.
-    """
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def create_schedule(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """The per-step learning-rate schedule of ``config``.
-
-    Linear warm-up ``lr * s / W`` for ``s < W = round(warmup_epochs * steps_per_epoch)``,
-    then for ``t = s - W`` over ``T = total_steps - W`` steps:
-
-    * cosine: ``lr * (r + (1 - r) * (1 + cos(pi * t / T)) / 2)``, ``r = min_lr_ratio``;
-    * step: ``lr * decay_factor ** #{m in milestones : s >= m * steps_per_epoch}``;
-    * constant: ``lr``.
-
-    >>> c = TrainConfig(learning_rate=1.0, warmup_epochs=1, schedule="cosine")
-    >>> s = create_schedule(c, steps_per_epoch=10, total_steps=30)
-    >>> tuple(round(float(s(i)), 6) for i in (5, 10, 20, 30))  # float32 round-off
-    (0.5, 1.0, 0.5, 0.0)
-    """
-    lr = float(config.learning_rate)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    if warmup > total_steps:
-        raise ValueError(
-            f"config.warmup_epochs={config.warmup_epochs!r} is not valid: the warm-up ({warmup} steps) is longer than "
-            f"the run ({total_steps} steps, {total_steps / steps_per_epoch:.4g} epochs); valid values: a number in "
-            f"[0, {total_steps / steps_per_epoch:.4g}]")
-    decay_steps = max(1, total_steps - warmup)
-    if config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=config.min_lr_ratio)
-    elif config.schedule == "step":
-        boundaries = {int(round(m * steps_per_epoch)) - warmup: config.decay_factor for m in config.milestones}
-        # a milestone past the run is never reached (and past 2**31 steps optax's int32 step overflows)
-        main = optax.piecewise_constant_schedule(lr, {b: f for b, f in boundaries.items() if 0 < b <= total_steps})
-    elif config.schedule == "constant":
-        main = optax.constant_schedule(lr)
-    else:
-        raise ValueError(f"config.schedule={config.schedule!r} is not valid; valid values: {list(CHOICES['schedule'])}")
-    if warmup == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def _kernel_mask(params: Any) -> Any:
-    def is_kernel(path, _):
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return bool(names) and names[-1] == "kernel"
-
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-def create_optimizer(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
-    """The optax optimiser of ``config`` (see the module docstring for the conventions)."""
-    schedule = create_schedule(config, steps_per_epoch, total_steps)
-    mask = _kernel_mask if config.weight_decay_on == "kernels" else None
-    if config.optimizer == "sgd":
-        sgd = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
-        if not config.weight_decay:
-            return sgd
-        return optax.chain(optax.add_decayed_weights(config.weight_decay, mask), sgd)
-    if config.optimizer == "adamw":
-        return optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay, mask=mask,
-                           nesterov=config.nesterov)
-    raise ValueError(f"config.optimizer={config.optimizer!r} is not valid; valid values: {list(CHOICES['optimizer'])}")
-
-
-# --------------------------------------------------------------------------------------
-# Step functions
-# --------------------------------------------------------------------------------------
-
-
-def _jit(fn, mesh, batch_argnums: Sequence[int], nargs: int, donate: tuple[int, ...] = ()):
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=donate)
-    rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    in_shardings = tuple(bat if i in batch_argnums else rep for i in range(nargs))
-    return jax.jit(fn, in_shardings=in_shardings, out_shardings=rep, donate_argnums=donate)
-
-
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    *,
-    label_smoothing: float = 0.0,
-    mesh: jax.sharding.Mesh | None = None,
-    donate: bool = False,
-) -> Callable:
-    """A jitted ``step(params, rest, opt_state, images, labels)``.
-
-    ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)`` of the model in *train*
-    mode. Returns ``(params, rest, opt_state, sums)`` with ``sums`` the batch's
-    ``loss_sum``, ``correct`` and ``count`` (summed, so they add up across steps).
-    With ``mesh``, ``images``/``labels`` are split over ``'data'`` and all else replicated.
-    """
-
-    def step(params, rest, opt_state, images, labels):
-        def loss_fn(p, r):  # `r` is an argument: BatchNorm updates it inside this trace
-            model = nnx.merge(graphdef, p, r, copy=True)
-            logits = model(images)
-            loss = cross_entropy(logits, labels, label_smoothing).mean()
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        n = labels.shape[0]
-        sums = {
-            "loss_sum": loss * n,
-            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-            "count": jnp.asarray(n, jnp.float32),
-        }
-        return params, new_rest, opt_state, sums
-
-    return _jit(step, mesh, (3, 4), 5, (0, 1, 2) if donate else ())
-
-
-def make_eval_step(graphdef: nnx.GraphDef, *, top5: bool = False, mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """A jitted ``step(params, rest, images, labels, weights) -> sums`` in eval mode.
-
-    ``graphdef`` is of the model in *eval* mode. ``weights`` (0 or 1 per example) mask
-    the padding of a last partial batch. ``sums``: ``loss_sum``, ``correct``,
-    (``correct5``), ``count``.
-    """
-
-    def step(params, rest, images, labels, weights):
-        logits = nnx.merge(graphdef, params, rest)(images)
-        loss = cross_entropy(logits, labels)
-        sums = {
-            "loss_sum": jnp.sum(loss * weights),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
-            "count": jnp.sum(weights),
-        }
-        if top5:
-            top = jax.lax.top_k(logits, 5)[1]
-            sums["correct5"] = jnp.sum(jnp.any(top == labels[:, None], axis=-1) * weights)
-        return sums
-
-    return _jit(step, mesh, (2, 3, 4), 5)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_eval_step(graphdef, top5, mesh):
-    return make_eval_step(graphdef, top5=top5, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -492,36 +317,9 @@ def _cached_train_step(graphdef, config_json, steps_per_epoch, total_steps, mesh
     config = TrainConfig.from_dict(json.loads(config_json))
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     step = make_train_step(graphdef, tx, label_smoothing=config.label_smoothing, mesh=mesh, donate=True)
-    # One program for the optimiser state; op by op, every distinct parameter shape would
-    # compile its own zeros (41 programs for a VGG-11).
+    # One program for the optimiser state: op by op, every distinct parameter shape would
+    # compile its own zeros.
     return tx, step, jax.jit(tx.init)
-
-
-def _split(model: nnx.Module, train: bool):
-    if train:
-        model.train()
-    else:
-        model.eval()
-    return nnx.split(model, nnx.Param, ...)
-
-
-def _place(tree, mesh):
-    # Fresh buffers (the train step donates its inputs): the caller's model keeps its own.
-    if mesh is None:
-        return jax.device_put(tree, jax.devices()[0], may_alias=False)
-    return jax.device_put(tree, parallel.replicated_sharding(mesh), may_alias=False)
-
-
-def _to_batch(images, labels, mesh, weights=None):
-    arrays = (images, labels) if weights is None else (images, labels, weights)
-    if mesh is None:
-        return tuple(jax.device_put(a) for a in arrays)  # jnp.asarray of NumPy data compiles a copy per shape
-    return parallel.shard_batch(arrays, mesh)
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------
 
 
 def _load_dataset(config: TrainConfig):
@@ -530,195 +328,9 @@ def _load_dataset(config: TrainConfig):
     return load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
 
 
-def _evaluate_state(graphdef, params, rest, dataset, split, batch_size, num_classes, mesh, max_batches):
-    parallel.check_batch_size(batch_size, mesh, "eval batch_size")
-    step = _cached_eval_step(graphdef, num_classes > 10, mesh)
-    shard_index, num_shards = parallel.process_shard() if mesh is not None else (0, 1)
-    it = dataset.batches(split, batch_size, training=False, shard_index=shard_index, num_shards=num_shards)
-    local = batch_size // num_shards
-    totals = None
-    for i, (images, labels) in enumerate(it):
-        if max_batches is not None and i >= max_batches:
-            break
-        n = len(labels)
-        weights = np.zeros(local, np.float32)
-        weights[:n] = 1.0
-        if n < local:  # pad the last partial batch: one compiled shape for all batches
-            images = np.concatenate([images, np.zeros((local - n, *images.shape[1:]), images.dtype)])
-            labels = np.concatenate([labels, np.zeros(local - n, labels.dtype)])
-        sums = step(params, rest, *_to_batch(images, labels, mesh, weights))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    it.close()
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    count = max(totals["count"], 1.0)
-    out = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-           "num_examples": int(totals["count"])}
-    if "correct5" in totals:
-        out["top5_accuracy"] = totals["correct5"] / count
-    return out
-
-
-def evaluate(
-    model: nnx.Module,
-    dataset: Any,
-    split: str | None = None,
-    batch_size: int = 256,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    max_batches: int | None = None,
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy (top-5 too when there are more than 10 classes).
-
-    Args:
-      model: a model (run in eval mode: BatchNorm uses its running statistics; the model
-        is left in eval mode).
-      dataset: a :class:`ib_lasso_jax.data.Dataset`.
-      split: split name (default: the data set's eval split).
-      batch_size: evaluation batch size (divisible by the device count of ``mesh``).
-      mesh: optional data-parallel mesh (:func:`ib_lasso_jax.train.parallel.data_mesh`).
-      max_batches: stop after this many batches (``None``: the whole split).
-
-    Returns:
-      ``{"loss", "accuracy", "num_examples"}`` (+ ``"top5_accuracy"``).
-    """
-    graphdef, params, rest = _split(model, train=False)
-    params, rest = _place((params, rest), mesh)
-    num_classes = int(getattr(getattr(model, "spec", None), "num_classes", dataset.num_classes))
-    return _evaluate_state(graphdef, params, rest, dataset, split, batch_size, num_classes, mesh, max_batches)
-
-
-# --------------------------------------------------------------------------------------
-# BatchNorm re-estimation
-# --------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def _bn_moments_fn(graphdef):
-    @jax.jit
-    def moments(params, rest, images):
-        model = nnx.merge(graphdef, params, rest)
-        model(images)
-        # momentum 0: the running statistics are exactly this batch's mean and (biased) var.
-        return [(m.mean[...], m.var[...]) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
-
-    return moments
-
-
-def reestimate_batchnorm(model: nnx.Module, batches: Iterable[Any], num_batches: int | None = None) -> nnx.Module:
-    """Recompute every BatchNorm's running statistics on ``batches``; no weight changes.
-
-    Each batch is run through the model in train mode (each BatchNorm normalises with its
-    batch statistics, as in training) and the per-channel moments of every BatchNorm's
-    input are averaged over the batches, weighted by batch size: the running mean becomes
-    the exact population mean ``E[x]`` over all examples (and positions) seen, and the
-    running variance the population (biased) variance ``E[x^2] - E[x]^2``, computed as
-    ``mean_b(var_b + mean_b^2) - mean^2`` -- a cumulative average, as PyTorch's
-    ``momentum=None``, not an exponential one. Use after surgery, when the statistics of
-    the kept channels' inputs have changed.
-
-    Args:
-      model: a model; updated in place (and returned), left in eval mode.
-      batches: iterable of ``(images, labels)`` or of images (numpy or jax arrays).
-      num_batches: use at most this many batches (``None``: all).
-
-    Returns:
-      ``model``.
-    """
-    bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
-    if not bns:
-        return model
-    work = nnx.clone(model)
-    for _, m in nnx.iter_modules(work):
-        if isinstance(m, nnx.BatchNorm):
-            m.momentum = 0.0
-    graphdef, params, rest = _split(work, train=True)
-    moments = _bn_moments_fn(graphdef)
-    total, acc = 0, None
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            break
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        n = int(images.shape[0])
-        # The per-channel sums are accumulated on the host in float64: a few vectors per
-        # batch, and no compiled program per BatchNorm width for this bookkeeping.
-        stats = jax.device_get(moments(params, rest, jax.device_put(images)))
-        stats = [(n * mu.astype(np.float64), n * (var.astype(np.float64) + np.square(mu, dtype=np.float64)))
-                 for mu, var in stats]
-        acc = stats if acc is None else [(a + b, c + d) for (a, c), (b, d) in zip(acc, stats)]
-        total += n
-    if total == 0:
-        raise ValueError("reestimate_batchnorm needs at least one batch; batches was empty (or num_batches=0)")
-    for m, (s1, s2) in zip(bns, acc):
-        mean = s1 / total
-        m.mean.set_value(jax.device_put(mean.astype(m.mean.get_value().dtype)))
-        m.var.set_value(jax.device_put(np.maximum(s2 / total - mean * mean, 0.0).astype(m.var.get_value().dtype)))
-    model.eval()
-    return model
-
-
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
-
-
-def _ckpt_name(step: int) -> str:
-    return f"ckpt_{step:09d}"
-
-
-_CKPT_RE = re.compile(r"^ckpt_(\d{9})$")
-
-
-def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = {}
-    for p in directory.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir():
-            found[int(m.group(1))] = p
-        else:  # a save killed between renames leaves only `.ckpt_<step>.old` (complete)
-            m = re.match(r"^\.(ckpt_\d{9})\.old$", p.name)
-            if m and not (directory / m.group(1)).exists():
-                found[int(m.group(1)[5:])] = directory / m.group(1)
-    return sorted(found.items())
-
-
-def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
-    """The newest training checkpoint under ``workdir/checkpoints`` (``None``: none)."""
-    ckpts = _list_checkpoints(Path(workdir) / CHECKPOINT_DIR)
-    return ckpts[-1][1] if ckpts else None
-
-
-def checkpoint_model_spec(path: str | os.PathLike) -> dict:
-    """The model spec (``ModelSpec.to_dict()``) a training checkpoint was written for.
-
-    A run resumes only into the same model; compare this with ``model.spec.to_dict()`` to
-    tell, before calling :func:`finetune`, whether ``workdir`` holds a run of this model
-    (``path``: e.g. :func:`latest_checkpoint` ``(workdir)``). Raises ``CheckpointError`` if
-    the checkpoint is damaged or not a training checkpoint.
-    """
-    return _read_train_state(Path(path)).get("model_spec")
-
-
-def _read_train_state(path: Path) -> dict:
-    file = path / TRAIN_STATE_FILE
-    if not file.is_file():
-        old = path.parent / f".{path.name}.old" / TRAIN_STATE_FILE
-        file = old if old.is_file() else file
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"training checkpoint {str(path)!r} has no {TRAIN_STATE_FILE}; it is damaged") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"training checkpoint file {str(file)!r} is corrupted or truncated ({e}); expected the JSON "
-            "written by ib_lasso_jax.train.training"
-        ) from e
-    if not isinstance(data, dict) or data.get("format") != TRAIN_STATE_FORMAT:
-        raise CheckpointError(f"{str(file)!r} is not an ib_lasso_jax training checkpoint (format "
-                              f"{data.get('format') if isinstance(data, dict) else None!r}, "
-                              f"expected {TRAIN_STATE_FORMAT!r})")
-    return data
 
 
 def _state_tree(params, rest, opt_state) -> dict:
@@ -731,33 +343,17 @@ def _state_tree(params, rest, opt_state) -> dict:
 
 
 def _save_checkpoint(directory: Path, step: int, params, rest, opt_state, info: dict, keep: int, best_step):
+    """Checkpoint ``step`` of the run (process 0 only), with the series' retention."""
     if jax.process_index() != 0:
         return
     tree = jax.device_get(_state_tree(params, rest, opt_state))
-    info = {"format": TRAIN_STATE_FORMAT, "step": step, **info}
-    checkpoint.save_pytree(directory / _ckpt_name(step), tree, json_files={TRAIN_STATE_FILE: info}, overwrite=True)
-    # Retention: the newest `keep` and the best; older ones are deleted only after the new
-    # one is complete, so a crash never leaves fewer good checkpoints than before.
-    # Newer ones are damaged checkpoints skipped on resume: neither counted nor deleted here.
-    ckpts = [(s, p) for s, p in _list_checkpoints(directory) if s <= step]
-    keep_steps = {s for s, _ in ckpts[-keep:]} | ({best_step} if best_step is not None else set())
-    for s, p in ckpts:
-        if s not in keep_steps:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-class DamagedCheckpointWarning(UserWarning):
-    """A run resumed from an older training checkpoint because the newer ones are damaged."""
-
-
-class _Damaged(Exception):
-    """A checkpoint that cannot be read (as opposed to one written for another run)."""
+    series.save_checkpoint(directory, step, tree, info, keep, best_step)
 
 
 def _restore_checkpoint(path: Path, spec: ModelSpec, config: TrainConfig, params, rest, opt_state):
     """Restore ``path``; CheckpointError if it belongs to another model or config, _Damaged if unreadable."""
     try:
-        info = _read_train_state(path)
+        info = series.read_train_state(path)
     except CheckpointError as e:
         raise _Damaged(str(e)) from e
     saved_spec = info.get("model_spec")
@@ -789,37 +385,17 @@ def _restore_checkpoint(path: Path, spec: ModelSpec, config: TrainConfig, params
 
 
 def _restore_newest_intact(directory: Path, spec: ModelSpec, config: TrainConfig, params, rest, opt_state):
-    """Restore the newest readable checkpoint under ``directory``, newest first.
+    """Restore the newest readable checkpoint under ``directory`` (:func:`series.restore_newest_intact`).
 
     Returns ``(params, rest, opt_state, info, damaged)`` (``info`` None: no checkpoint) with
-    ``damaged`` the steps of the newer, unreadable ones, after a DamagedCheckpointWarning naming
-    them and the one used. A checkpoint of another model or config raises at once (resuming
-    past it would mix two runs); CheckpointError listing every one if none is readable.
+    ``damaged`` the steps of the newer, unreadable ones. A checkpoint of another model or config
+    raises CheckpointError at once (resuming past it would mix two runs).
     """
-    ckpts = _list_checkpoints(directory)
-    damaged: list[tuple[int, Path, str]] = []
-    for step, path in reversed(ckpts):
-        try:
-            restored = _restore_checkpoint(path, spec, config, params, rest, opt_state)
-        except _Damaged as e:
-            damaged.append((step, path, str(e)))
-            continue
-        if damaged:
-            listed = "; ".join(f"{str(p)!r}: {why}" for _, p, why in damaged)
-            warnings.warn(
-                f"resuming from {str(path)!r} (step {step}): the newer training checkpoint"
-                f"{'s are' if len(damaged) > 1 else ' is'} damaged and skipped: {listed}; "
-                f"{'they are' if len(damaged) > 1 else 'it is'} replaced as the run passes "
-                f"{'their steps' if len(damaged) > 1 else 'its step'}",
-                DamagedCheckpointWarning, stacklevel=4)
-        return (*restored, [s for s, _, _ in damaged])
-    if damaged:
-        listed = "; ".join(f"{str(p)!r}: {why}" for _, p, why in damaged)
-        raise CheckpointError(
-            f"no intact training checkpoint in {str(directory)!r} to resume from: {len(damaged)} checkpoint(s), "
-            f"all damaged: {listed}; restore them from an intact copy, or remove {str(directory)!r} to train "
-            "from the start")
-    return params, rest, opt_state, None, []
+    restored, damaged = series.restore_newest_intact(
+        directory, lambda path: _restore_checkpoint(path, spec, config, params, rest, opt_state), stacklevel=4)
+    if restored is None:
+        return params, rest, opt_state, None, []
+    return (*restored, damaged)
 
 
 # --------------------------------------------------------------------------------------
@@ -931,7 +507,7 @@ def finetune(
 
 def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
     config = config.resolved()
-    spec = checkpoint._model_spec(model)
+    spec = _model_spec(model)
     if tuple(spec.input_shape) != tuple(dataset.input_shape) or spec.num_classes != dataset.num_classes:
         raise ValueError(
             f"model {spec.name!r} takes input {tuple(spec.input_shape)} with {spec.num_classes} classes, but "
@@ -986,7 +562,7 @@ def _run(model, config: TrainConfig, workdir, dataset, on_step) -> TrainResult:
 
     def save(step, epoch_pos, eval_metrics, window):
         if step in damaged and jax.process_index() == 0:  # skipped on resume: replaced, whatever is left of it
-            for path in (ckpt_dir / _ckpt_name(step), ckpt_dir / f".{_ckpt_name(step)}.old"):
+            for path in (ckpt_dir / series.checkpoint_name(step), ckpt_dir / f".{series.checkpoint_name(step)}.old"):
                 shutil.rmtree(path, ignore_errors=True)
         info = {"data": {"epoch": epoch_pos[0], "step": epoch_pos[1], "seed": config.seed},
                 "model_spec": spec.to_dict(), "config": config.to_dict(), "eval": eval_metrics, "best": best,
