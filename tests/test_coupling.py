@@ -144,3 +144,31 @@ def test_mask_errors():
         g.check_masks({stream: np.ones(g.groups[stream].size, bool)}, "inner")
     with pytest.raises(ValueError, match="unknown residual policy"):
         g.prunable("everything")
+
+
+def test_follows_names_the_layer_a_batchnorm_normalises():
+    g = trace_channels(create("resnet20", rngs=0))
+    assert g.follows("layer1/0/bn1") == "layer1/0/conv1"
+    assert g.follows("layer2/0/bn2") == "layer2/0/conv2"
+    assert g.follows("stem_bn") == "stem_conv"
+    assert g.follows("fc") == "fc"  # a bias follows its own kernel
+
+    class PostAddNorm(nnx.Module):
+        """A BatchNorm after a residual add: two layers' outputs reach it, so it follows none."""
+
+        def __init__(self, rngs):
+            self.a = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.b = nnx.Conv(3, 8, (1, 1), rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.c = nnx.BatchNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            y = self.bn(self.a(x) + self.b(x))
+            return self.head(nnx.relu(self.c(y)).mean((1, 2)))
+
+    m = PostAddNorm(nnx.Rngs(0))
+    m.eval()
+    g = trace_channels(m, (8, 8, 3))
+    assert g.follows("bn") is None and g.follows("c") is None
+    assert g.follows("a") == "a"  # its bias acts on its own output

@@ -121,6 +121,7 @@ class ChannelGraph:
         self._param_nodes = param_nodes
         self.layers: list[LayerOp] = list(tracer.layers)
         self.param_touches = list(tracer.param_touches)
+        self._param_reach = {q: frozenset(r) for q, r in tracer.param_reach.items()}
         node_axis = {n: (p, a) for p, ns in param_nodes.items() for a, n in enumerate(ns)}
         self._consumer_axes = {node_axis[n] for n, _ in tracer.consumers if n in node_axis}
 
@@ -392,6 +393,12 @@ class ChannelGraph:
             n: g for n, g in self.groups.items()
             if g.prunable and (policy == "coupled" or not g.residual)
         }
+
+    def follows(self, module: str) -> str | None:
+        """The one conv or dense module whose output the parameters of ``module`` act on (a
+        BatchNorm's producer), or ``None`` when several reach it (after a residual add) or none."""
+        reach = frozenset().union(*(r for q, r in self._param_reach.items() if _module_of(q) == module))
+        return _module_of(next(iter(reach))) if len(reach) == 1 else None
 
     def consumer_axes(self) -> set[tuple[str, int]]:
         """``(kernel_path, axis)`` pairs that are a conv's or dense layer's *input* axis."""

@@ -120,6 +120,8 @@ class _Info:
     act: bool  # depends on the model input (an activation), not only on parameters
     src: str | None = None  # the parameter path if this array *is* a parameter
     origin: frozenset = frozenset()  # parameters a non-activation value was computed from
+    # Kernels whose outputs reach this activation with no conv or dense layer in between.
+    reach: frozenset = frozenset()
 
 
 @dataclasses.dataclass
@@ -190,6 +192,9 @@ class _Tracer:
         # slice / split / pad equations in walk order, with the positions they pin on each
         # axis: surgery re-traces a rebuilt user model and checks they followed the pruning.
         self.positional: list[_Positional] = []
+        # parameter path -> kernels whose outputs its value meets (a BatchNorm scale meets its
+        # producer's output): which layer a normalisation follows.
+        self.param_reach: dict[str, set[str]] = {}
         self._eqn = None  # the equation being walked
         self.depth = -1
 
@@ -257,6 +262,23 @@ class _Tracer:
         return [self.read(env, v) for v in jaxpr.outvars]
 
     def eqn(self, eqn, ins: list[_Info]) -> list[_Info]:
+        outs = self._walk(eqn, ins)
+        if _inner_jaxpr(eqn) is not None:
+            return outs  # the inner walk carried the reach
+        acts = [i for i in ins if i.act]
+        if not acts:
+            return outs
+        params = frozenset().union(*(i.origin for i in ins if not i.act))
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            kernels = frozenset(q for q in params if q.endswith("kernel"))
+            reach = kernels or frozenset().union(*(i.reach for i in acts))
+        else:
+            reach = frozenset().union(*(i.reach for i in acts))
+            for q in params:
+                self.param_reach.setdefault(q, set()).update(reach)
+        return [dataclasses.replace(o, reach=reach) if o.act else o for o in outs]
+
+    def _walk(self, eqn, ins: list[_Info]) -> list[_Info]:
         self._eqn = eqn
         name = eqn.primitive.name
         out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ib_lasso_jax.graph import coupling, trace
+from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
@@ -158,61 +158,6 @@ def _module(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def _batchnorm_producers(model: nnx.Module, graph: coupling.ChannelGraph) -> dict[str, str]:
-    """BatchNorm module -> the one conv/dense module whose output it normalises.
-
-    Found on the traced program (``graph.jaxpr``): activations carry the set of kernels whose
-    outputs reach them without another conv/dense in between; a BatchNorm parameter meeting an
-    activation whose set is a single kernel pairs them. A BatchNorm after a residual add (several
-    kernels) is left unpaired and becomes its own member.
-    """
-    state = nnx.state(model)
-    paths = [coupling.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-    norms = {"/".join(str(k) for k in p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
-    closed = graph.jaxpr
-    # Value info: (is_activation, kernels reaching it | params it is computed from)
-    seen: dict[str, set] = {}
-
-    def run(jaxpr, ins):
-        env = dict(zip(jaxpr.invars, ins))
-        for v in jaxpr.constvars:
-            env[v] = (False, frozenset())
-
-        def read(v):
-            return (False, frozenset()) if isinstance(v, trace.jcore.Literal) else env.get(v, (False, frozenset()))
-
-        for eqn in jaxpr.eqns:
-            vals = [read(v) for v in eqn.invars]
-            sub = trace._inner_jaxpr(eqn)
-            if sub is not None:
-                inner, _ = sub
-                if len(inner.invars) == len(vals):
-                    outs = run(inner, vals)
-                    for v, o in zip(eqn.outvars, outs):
-                        env[v] = o
-                    continue
-            acts = [s for a, s in vals if a]
-            prms = frozenset().union(*[s for a, s in vals if not a]) if vals else frozenset()
-            if eqn.primitive.name in ("conv_general_dilated", "dot_general") and acts:
-                kern = frozenset(p for p in prms if p.endswith("kernel"))
-                out = (True, kern if kern else frozenset().union(*acts))
-            elif acts:
-                reach = frozenset().union(*acts)
-                for p in prms:
-                    if _module(p) in norms:
-                        seen.setdefault(_module(p), set()).update(reach)
-                out = (True, reach)
-            else:
-                out = (False, prms)
-            for v in eqn.outvars:
-                env[v] = out
-        return [read(v) for v in jaxpr.outvars]
-
-    ins = [(False, frozenset([p])) for p in paths] + [(True, frozenset())]
-    run(closed.jaxpr, ins)
-    return {bn: _module(next(iter(ks))) for bn, ks in seen.items() if len(ks) == 1}
-
-
 def dwgl_groups(model: nnx.Module, graph: coupling.ChannelGraph | None = None, policy: str = "coupled",
                 groups: Mapping[str, coupling.ChannelGroup] | None = None) -> tuple[GroupSpec, ...]:
     """The DWGL members of every prunable channel group of ``model``.
@@ -237,7 +182,10 @@ def dwgl_groups(model: nnx.Module, graph: coupling.ChannelGraph | None = None, p
     param_paths = {coupling.path_str(kp) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
     consumer_axes = graph.consumer_axes()
-    bn_owner = _batchnorm_producers(model, graph)
+    # Each BatchNorm joins the member of the layer whose output it normalises (the tracer's
+    # reach); one after a residual add is a member of its own.
+    norms = {"/".join(str(k) for k in p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
+    bn_owner = {bn: owner for bn in norms if (owner := graph.follows(bn)) is not None}
     out = []
     for name, g in groups.items():
         by_member: dict[str, list] = {}
