@@ -383,3 +383,52 @@ def test_offline_splits_are_not_ordered_by_class(name):
     for split in ("train", "test"):
         _, labels = next(iter(ds.batches(split, 128)))
         assert len(np.unique(labels)) == 10, (split, np.bincount(labels))
+
+
+def _png_source(n: int, calls: list):
+    """A tfds.data_source stand-in holding PNG-encoded 32x32 images, decoded per read as TFDS does."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    blobs = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    feature = tfds.builder("cifar10").info.features["image"]
+
+    class Source:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, k):
+            calls.append(k)
+            return {"image": feature.decode_example_np(blobs[k]), "label": k % 10}
+
+        def __getitems__(self, keys):
+            return [self[k] for k in keys]
+
+    return lambda self, split, **kwargs: Source()
+
+
+def test_cache_decodes_each_record_once_and_changes_no_batch():
+    calls: list = []
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE,
+                                as_data_source_fn=_png_source(40, calls)):
+        plain = D.load_dataset("cifar10")
+        cached = D.load_dataset("cifar10", cache=True)
+        kw = dict(batch_size=8, training=True, seed=5, num_epochs=2)
+        want = _collect(plain.batches(**kw))
+        calls.clear()
+        got = _collect(cached.batches(prefetch=2, **kw))
+    _assert_streams_equal(want, got)
+    assert sorted(calls) == list(range(40))  # two epochs, every record decoded once
+
+
+def test_cache_refuses_variable_size_images_and_non_bools():
+    with pytest.raises(ValueError, match="cache='yes' is not valid; valid values: True or False"):
+        D.load_dataset("mnist5k", cache="yes")
+    with mocked(), pytest.raises(ValueError, match="cache=True: 'imagenet2012' has images of varying size"):
+        D.load_dataset("imagenet2012", cache=True)
