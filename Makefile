@@ -41,7 +41,7 @@ test: lint
 	$(RUN) -m pytest -q -p no:cacheprovider --doctest-modules ib_lasso_jax
 	$(PYTEST) --durations=25 tests
 
-# Every paper config of experiments/papers end to end on mocked TFDS data in smoke mode, and
+# Every paper config (ib_lasso_jax/experiment/configs/papers) end to end on mocked TFDS data in smoke mode, and
 # nothing else (`make test` runs them too, with everything else).
 test-papers: $(STAMP)
 	$(PYTEST) tests/test_pipeline.py -k paper_config_smoke

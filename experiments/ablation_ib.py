@@ -25,12 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from configs import load as load_config  # noqa: E402
-
 from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
+from ib_lasso_jax.experiment.configs.examples import load as load_config  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.train.training import evaluate, reestimate_batchnorm, train_and_evaluate  # noqa: E402
 

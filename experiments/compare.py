@@ -33,12 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from configs import load as load_config  # noqa: E402
-
 from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
+from ib_lasso_jax.experiment.configs.examples import load as load_config  # noqa: E402
 from ib_lasso_jax.graph import counting
 from ib_lasso_jax.graph.features import penultimate_features  # noqa: E402
 from ib_lasso_jax.pruning import available_methods, prune  # noqa: E402

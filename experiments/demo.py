@@ -26,15 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from configs import load as load_config  # noqa: E402
-
 from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
-from ib_lasso_jax.experiment.pipeline import SMOKE_METHOD_OPTIONS  # noqa: E402
+from ib_lasso_jax.experiment.configs.examples import load as load_config  # noqa: E402
 from ib_lasso_jax.graph import counting
-from ib_lasso_jax.pruning import prune  # noqa: E402
+from ib_lasso_jax.pruning import method_info, prune  # noqa: E402
 from ib_lasso_jax.train.training import (  # noqa: E402
     checkpoint_model_spec,
     evaluate,
@@ -147,7 +143,7 @@ def main(argv=None) -> int:
     for i, method in enumerate(("sglp-ib", "l1-norm")):
         print(f"[{2 + i}/5] pruning with {method} to FLOPs -{100 * args.target_flops:.0f}% "
               f"(calibration: {per_class} images per class)", flush=True)
-        options = SMOKE_METHOD_OPTIONS.get(method, {}) if args.smoke else {}  # the pipeline's smoke knobs
+        options = dict(method_info(method).smoke_options) if args.smoke else {}  # the pipeline's smoke knobs
         small, report = prune(model, (images, labels), method, target_flops=args.target_flops, **options)
         reestimate_batchnorm(small, iter(train_batches), num_batches=2 if args.smoke else 16)
         acc = evaluate(small, ds, **eval_kw)["accuracy"]

@@ -1,6 +1,6 @@
 """Entropic sparsification of LeNet-5 on mnist5k, with and without reconstruction.
 
-Trains LeNet-5 (``experiments/configs/mnist5k_lenet.py``) unless ``--model`` points at a
+Trains LeNet-5 (the ``mnist5k_lenet`` training config) unless ``--model`` points at a
 saved one, then prunes it with ``entropic`` to several parameter sparsities (fraction of
 parameters removed), reconstructing the consumers' weights (``reconstruct="lstsq"``) or only
 slicing (``"none"``). No BatchNorm, no finetuning. Prints
@@ -13,16 +13,11 @@ a Markdown table (paper, arXiv 2404.04734: LeNet on MNIST, sparsity 55-84%, accu
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from configs import load as load_config  # noqa: E402
 
 from ib_lasso_jax import checkpoint, compile_cache  # noqa: E402
 from ib_lasso_jax.data import calibration_set, load_dataset  # noqa: E402
+from ib_lasso_jax.experiment.configs.examples import load as load_config  # noqa: E402
 from ib_lasso_jax.pruning import prune  # noqa: E402
 from ib_lasso_jax.train.training import evaluate, train_and_evaluate  # noqa: E402
 

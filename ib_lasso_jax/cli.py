@@ -15,6 +15,7 @@ Subcommands:
            read without PyTorch) as a zoo model checkpoint
   latency  measured latency of a saved (pruned) model, against its original: median, spread,
            speed-up and FLOPs ratio (XLA or onnxruntime)
+  configs  the paper configs (run NAME) and training configs (train --config NAME) shipped
   cache    where the persistent XLA compilation cache lives and its size; --clear empties it
 
 train, finetune, evaluate, prune and run keep compiled XLA programs on disk
@@ -190,29 +191,11 @@ def _cmd_groups(args) -> int:
     return 0
 
 
-def _experiments_package(package: str, what: str, hint: str):
-    """The ``experiments/<package>`` package of the repository, loaded by path."""
-    import importlib.util
-    from pathlib import Path
-
-    init = Path(__file__).resolve().parents[1] / "experiments" / package / "__init__.py"
-    if not init.is_file():
-        raise ValueError(f"cannot find the {what} (looked for {str(init)!r}); {hint}")
-    spec = importlib.util.spec_from_file_location(f"ib_lasso_experiment_{package}", init)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _experiment_configs():
-    return _experiments_package("configs", "experiment configs",
-                                "pass --config PATH.py or run from a source checkout")
-
-
 def _load_config(args):
+    from ib_lasso_jax.experiment.configs import examples
     from ib_lasso_jax.train.training import TrainConfig
 
-    config = _experiment_configs().load(args.config) if args.config else TrainConfig()
+    config = examples.load(args.config) if args.config else TrainConfig()
     config = config.override(args.set or [])
     if args.no_progress:
         config = config.replace(progress=False)
@@ -272,16 +255,6 @@ def _cmd_evaluate(args) -> int:
         print(f"{model.spec.name} on {args.dataset} {args.split or 'eval split'} ({metrics['num_examples']} examples): "
               f"accuracy {metrics['accuracy']:.4f}{top5}, loss {metrics['loss']:.4f}")
     return 0
-
-
-def _parse_option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ValueError(f"--option must be KEY=VALUE; got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def _publish_prune_output(out: Path) -> bool:
@@ -354,7 +327,9 @@ def _check_prune_args(args) -> tuple[int | float, dict, dict]:
                                      ("--round-to", args.round_to, 1, "a positive integer (e.g. 8)")):
         if value is not None and value < least:
             raise ValueError(f"{flag} {value} is not valid; valid values: {what}")
-    options = dict(_parse_option(o) for o in (args.option or []))
+    from ib_lasso_jax.config import parse_options
+
+    options = parse_options(args.option or [])
     for key in options:
         if key in _PRUNE_FLAGS:
             raise ValueError(f"--option {key}={options[key]!r}: {key} is not a method option; give it as "
@@ -408,24 +383,14 @@ def _prune_into(out: Path, args, floor, options: dict, extra: dict):
     return report
 
 
-def _load_pipeline_config(name: str):
-    """A pipeline config: a name in experiments/papers or experiments/configs, or a .py path."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "experiments"
-    papers = _experiments_package("papers", "paper configs",
-                                  "pass CONFIG as a path to a .py file or run from a source checkout")
-    if not name.endswith(".py") and name not in papers.available() and (root / "configs" / f"{name}.py").is_file():
-        name = str(root / "configs" / f"{name}.py")  # a pipeline-style config among the training configs
-    return papers.load(name)
-
-
 def _cmd_run(args) -> int:
     from ib_lasso_jax.experiment import pipeline
     from ib_lasso_jax.train import parallel
 
     parallel.maybe_initialize_distributed()
-    config = _load_pipeline_config(args.config).override(args.set or [])
+    from ib_lasso_jax.experiment.configs import papers
+
+    config = papers.load(args.config).override(args.set or [])
     if args.smoke:
         config = config.replace(smoke=True)
     if args.no_progress:
@@ -435,6 +400,24 @@ def _cmd_run(args) -> int:
         result = pipeline.run(config, args.workdir)
     if args.json:
         print(json.dumps(result.report["ours"]))
+    return 0
+
+
+def _cmd_configs(args) -> int:
+    from ib_lasso_jax.experiment.configs import examples, papers
+
+    rows = []
+    for kind, module in (("run", papers), ("train", examples)):
+        for name in module.available():
+            c = module.load(name)
+            what = getattr(c, "paper_row", None) or f"{c.model} on {c.dataset}, {c.num_epochs} epochs"
+            rows.append({"name": name, "command": kind, "what": what})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"ib-lasso {r['command']:5s} {r['name']:{width}s}  {r['what']}")
     return 0
 
 
@@ -681,10 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_groups)
 
     def train_args(p):
-        p.add_argument("--config", help="experiment config: a name in experiments/configs or a .py path")
+        p.add_argument("--config", help="training config: a name from `ib-lasso configs` or a .py path")
         p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config field (JSON value), e.g. --set learning_rate=0.05; repeatable")
+                       help="override a config field (typed by the field: true/false/null, numbers, strings, JSON), "
+                            "e.g. --set learning_rate=0.05; repeatable")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
@@ -724,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reestimate-bn", type=int, default=16, metavar="BATCHES",
                    help="re-estimate BatchNorm statistics on this many training batches (0: keep)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option (JSON value), e.g. response=R1; repeatable; also tolerance=0.01 (the "
-                        "relative tolerance on the target)")
+                   help="method option (true/false/null, numbers, JSON, else a string), e.g. response=R1; "
+                        "repeatable; also tolerance=0.01 (the relative tolerance on the target)")
     p.add_argument("--out", required=True, help="output directory: model/, report.json, report.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT/model, OUT/report.json and OUT/report.md (without it, prune "
@@ -733,11 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("run", help="the whole pipeline of a paper config (train/load, prune, finetune, report)")
-    p.add_argument("config", help="a name in experiments/papers (or a pipeline config in experiments/configs) "
-                                  "or a path to a .py file with get_config() -> PipelineConfig")
+    p.add_argument("config", help="a paper config's name (see `ib-lasso configs`) or a path to a .py file with "
+                                  "get_config() -> PipelineConfig")
     p.add_argument("--workdir", required=True, help="baseline/, pruned/, finetune/, model/, report.md, report.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a field (JSON value; dotted keys), e.g. --set prune.target_flops=0.5; repeatable")
+                   help="override a field (typed by the field; dotted keys), e.g. --set prune.target_flops=0.5; "
+                        "repeatable")
     p.add_argument("--smoke", action="store_true", help="shrunk model, a few steps: checks a config in seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print our final numbers as JSON")
@@ -786,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed samples per batch size (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_latency)
+
+    p = sub.add_parser("configs", help="the paper configs (`run NAME`) and training configs (`train --config NAME`)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("cache", help="the persistent XLA compilation cache: location and size, or --clear")
     p.add_argument("--dir", help="a cache directory other than the default")

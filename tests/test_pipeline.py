@@ -9,9 +9,9 @@ XLA compilation: deep networks compile slowly even when shrunk, see docs/pipelin
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from ib_lasso_jax import checkpoint, models  # noqa: E402
 from ib_lasso_jax.cli import main as cli_main  # noqa: E402
 from ib_lasso_jax.experiment import pipeline  # noqa: E402
+from ib_lasso_jax.experiment.configs import papers  # noqa: E402
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig  # noqa: E402
 from ib_lasso_jax.train.training import TrainConfig  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import papers  # noqa: E402
 
 PAPER_CONFIGS = [n for n in papers.available() if n != "mnist5k_vgg_sglp"]
 
@@ -76,7 +73,7 @@ def _method_defaults(method: str) -> dict:
 @pytest.mark.parametrize("name", papers.available())
 def test_config_loads_validates_and_documents_itself(name):
     config = papers.load(name).validate()
-    doc = (papers.PAPERS_DIR / f"{name}.py").read_text()
+    doc = importlib.import_module(f"{papers.__name__}.{name}").__doc__
     assert f"ib-lasso run {name} --workdir" in doc
     assert "runtime" in doc.lower() and config.expected_runtime and config.paper_row
     if config.dataset not in ("mnist5k", "digits"):

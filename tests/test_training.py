@@ -256,9 +256,8 @@ def test_config_override_and_json_round_trip():
 
 
 def test_experiment_configs_load_and_validate():
-    from ib_lasso_jax.cli import _experiment_configs
+    from ib_lasso_jax.experiment.configs import examples as configs
 
-    configs = _experiment_configs()
     names = configs.available()
     assert set(names) >= {"mnist5k_lenet", "mnist5k_vgg", "mnist5k_resnet20", "cifar10_vgg16", "cifar10_resnet56"}
     for name in names:

@@ -1,7 +1,7 @@
 """The whole pipeline in one call: baseline -> prune -> BatchNorm re-estimation -> finetune -> report.
 
 A :class:`PipelineConfig` describes one experiment (typically one row of a paper's table,
-see ``experiments/papers/``); :func:`run` ``(config, workdir)`` executes it::
+see :mod:`ib_lasso_jax.experiment.configs.papers`); :func:`run` ``(config, workdir)`` executes it::
 
     [1/5] baseline   train it from ``config.train`` (resuming in ``workdir/baseline``) or
                      load ``config.checkpoint`` (read only, never written); evaluate it
@@ -26,12 +26,13 @@ change is refused with an error naming the settings) and the finetuning checkpoi
   ImageNet-sized inputs become :data:`SMOKE_IMAGE_SIZE` pixels;
 * a baseline ``checkpoint`` is not read: a shrunk baseline is trained from ``train``;
 * the calibration set is 2 images per class (1 above 10 classes), the BatchNorm
-  re-estimation 2 batches, and the costly method options are shrunk
-  (:data:`SMOKE_METHOD_OPTIONS`);
+  re-estimation 2 batches, and the costly method options are shrunk (the method's
+  ``smoke_options`` in the registry, :func:`ib_lasso_jax.pruning.register_method`);
 * above :data:`SMOKE_MAX_CLASSES` classes (ImageNet) the class-balanced calibration set is
-  replaced by the first 64 training images and the class-wise methods (``sglp-ib``,
-  ``stlp-ib``) run as ``hsic-lasso`` (the same engine without class responses): their
-  class-wise kernels are ``(classes, N, N)`` with ``N >= classes``, 4 GB for 1000 classes.
+  replaced by the first 64 training images and a method with a registered
+  ``smoke_substitute`` runs as that method (``sglp-ib`` and ``stlp-ib`` as ``hsic-lasso``,
+  the same engine without class responses: their class-wise kernels are ``(classes, N, N)``
+  with ``N >= classes``, 4 GB for 1000 classes).
   The report lists every such substitution under ``smoke_substitutions``.
 """
 
@@ -41,10 +42,12 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ib_lasso_jax import config as config_lib
 from ib_lasso_jax.train.training import TrainConfig
 
 __all__ = [
@@ -53,7 +56,6 @@ __all__ = [
     "PipelineResult",
     "PruneConfig",
     "SMOKE_IMAGE_SIZE",
-    "SMOKE_METHOD_OPTIONS",
     "SMOKE_STEPS",
     "check_workdir",
     "run",
@@ -70,22 +72,6 @@ SMOKE_MAX_CLASSES = 100
 # 3 steps, so 3 steps write one training checkpoint (4 steps wrote two, ~0.5 s each for a ResNet).
 SMOKE_STEPS = 3
 
-SMOKE_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    # lambda grid and proximal-gradient iterations of the structured-lasso solves
-    "sglp-ib": {"grid": 6, "maxiter": 30},
-    "stlp-ib": {"grid": 6, "maxiter": 30},
-    "hsic-lasso": {"grid": 6, "maxiter": 30},
-    # eps_W sweep, alternating iterations and w-steps of the entropic solves
-    "entropic": {"grid": 2, "maxiter": 4, "w_steps": 2},
-    # Monte-Carlo permutations and the images they are played on
-    "ic-shapley": {"permutations": 1, "shapley_samples": 8, "coalition_batch": 8, "bins": 8},
-    # sparsity training: a few steps on the calibration set instead of epochs of the data set
-    "dwgl": {"steps": 3, "epochs": None, "dataset": None, "image_size": None, "batch_size": 8},
-}
-"""Per-method option overrides applied in smoke mode (cost knobs only)."""
-
-_CLASSWISE = ("sglp-ib", "stlp-ib")
-
 PUBLISHED_KEYS = ("accuracy", "baseline_accuracy", "accuracy_drop", "top5_accuracy", "top5_drop",
                   "flops_reduction", "params_reduction", "compression")
 """Keys of :attr:`PipelineConfig.published` (accuracies and reductions as fractions)."""
@@ -96,13 +82,6 @@ POLICIES = (None, "inner", "coupled")
 # --------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"none": None, "null": None, "true": True, "false": False}.get(text.strip().lower(), text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +114,15 @@ class PruneConfig:
     bn_batch_size: int = 128
     tolerance: float = 0.01
 
+    _CONFIG_PREFIX = "prune."  # its keys as a PipelineConfig names them
+
     def replace(self, **changes: Any) -> PruneConfig:
-        valid = [f.name for f in dataclasses.fields(PruneConfig)]
-        bad = [k for k in changes if k not in valid]
-        if bad:
-            raise ValueError(f"unknown config key(s) {['prune.' + k for k in bad]}; valid keys: "
-                             f"{['prune.' + k for k in valid]}")
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; unknown keys raise ValueError."""
+        return config_lib.replace(self, **changes)
+
+    def override(self, assignments: Iterable[str]) -> PruneConfig:
+        """A copy with ``key=value`` strings applied, each typed by its field (:func:`ib_lasso_jax.config.override`)."""
+        return config_lib.override(self, assignments)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,11 +176,13 @@ class PipelineConfig:
     Attributes:
       train: the baseline's training recipe (also the model and data set); trained in
         ``workdir/baseline`` unless ``checkpoint`` is given. Smoke mode always trains it.
+        The pipeline's data set is ``train.dataset``, else ``finetune.dataset``.
       checkpoint: a model saved with ``checkpoint.save_model`` to start from instead of
         training (the usual case for a pretrained baseline); read only.
       prune: the :class:`PruneConfig`.
-      finetune: the finetuning recipe (its ``dataset`` is the pipeline's data set; its
-        ``image_size`` defaults to the model's input size). ``num_epochs=0``: no finetuning.
+      finetune: the finetuning recipe (its ``image_size`` defaults to the model's input size);
+        ``None``: no finetuning. A finetune config with ``num_epochs=0`` (and no ``num_steps``)
+        is read as ``None`` with a DeprecationWarning.
       data_dir: TFDS data directory for every step (overrides the TrainConfigs' own).
       smoke: shrink everything to run in seconds on a CPU (see the module docstring).
       progress: tqdm progress bars in the training steps (on a terminal).
@@ -214,7 +197,7 @@ class PipelineConfig:
     train: TrainConfig | None = None
     checkpoint: str | None = None
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
-    finetune: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(num_epochs=0))
+    finetune: TrainConfig | None = None
     data_dir: str | None = None
     smoke: bool = False
     progress: bool = True
@@ -226,68 +209,33 @@ class PipelineConfig:
 
     # -- construction ----------------------------------------------------------------------
 
+    def __post_init__(self):
+        ft = self.finetune
+        if isinstance(ft, TrainConfig) and ft.num_epochs == 0 and ft.num_steps is None:
+            warnings.warn("PipelineConfig(finetune=TrainConfig(num_epochs=0)) is read as finetune=None (no "
+                          "finetuning); give finetune=None", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "finetune", None)
+
     def replace(self, **changes: Any) -> PipelineConfig:
         """A copy with ``changes``; unknown keys raise ValueError."""
-        valid = [f.name for f in dataclasses.fields(PipelineConfig)]
-        bad = [k for k in changes if k not in valid]
-        if bad:
-            raise ValueError(f"unknown config key(s) {bad}; valid keys: {valid} (and dotted keys inside train, "
-                             "prune and finetune, e.g. prune.target_flops, finetune.num_epochs)")
-        return dataclasses.replace(self, **changes)
+        return config_lib.replace(self, **changes)
 
     def override(self, assignments: Iterable[str]) -> PipelineConfig:
-        """A copy with ``key=value`` strings applied; values are JSON (else plain strings).
+        """A copy with ``key=value`` strings applied, each typed by its field (:func:`ib_lasso_jax.config.override`).
 
         Dotted keys reach into the sub-configs and into dicts:
 
-        >>> c = PipelineConfig(train=TrainConfig()).override(
+        >>> c = PipelineConfig(train=TrainConfig(), finetune=TrainConfig()).override(
         ...     ["prune.target_flops=0.6", "finetune.num_epochs=3", "prune.options.grid=8"])
         >>> c.prune.target_flops, c.finetune.num_epochs, c.prune.options
         (0.6, 3, {'grid': 8})
         """
-        config = self
-        for a in assignments:
-            if "=" not in a:
-                raise ValueError(f"--set expects key=value; got {a!r}")
-            key, text = a.split("=", 1)
-            config = config._set(key.strip(), _parse_value(text))
-        return config
-
-    def _set(self, key: str, value: Any) -> PipelineConfig:
-        head, _, rest = key.partition(".")
-        if not rest:
-            return self.replace(**{head: value})
-        if head in ("train", "finetune"):
-            sub = getattr(self, head)
-            if sub is None:
-                if head == "train":
-                    raise ValueError(f"cannot set {key!r}: this config has no train step (it starts from "
-                                     f"checkpoint={self.checkpoint!r})")
-            sub_key, _, deeper = rest.partition(".")
-            current = getattr(sub, sub_key, None) if deeper else None
-            new = _set_in_dict(current, deeper, value, key) if deeper else value
-            try:
-                return self.replace(**{head: sub.replace(**{sub_key: new})})
-            except ValueError as e:
-                raise ValueError(f"unknown config key {key!r}; valid keys under {head}: "
-                                 f"{[f'{head}.' + f.name for f in dataclasses.fields(TrainConfig)]}") from e
-        if head == "prune":
-            sub_key, _, deeper = rest.partition(".")
-            if deeper:
-                current = getattr(self.prune, sub_key, None)
-                if not isinstance(current, dict):
-                    raise ValueError(f"unknown config key {key!r}: prune.{sub_key} is not a dict")
-                value = _set_in_dict(current, deeper, value, key)
-            return self.replace(prune=self.prune.replace(**{sub_key: value}))
-        if head == "published":
-            return self.replace(published=_set_in_dict(self.published, rest, value, key))
-        raise ValueError(f"unknown config key {key!r}; dotted keys start with train., prune., finetune. or "
-                         "published.")
+        return config_lib.override(self, assignments)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["train"] = None if self.train is None else self.train.to_dict()
-        d["finetune"] = self.finetune.to_dict()
+        d["finetune"] = None if self.finetune is None else self.finetune.to_dict()
         d["prune"] = self.prune.to_dict()
         return d
 
@@ -305,9 +253,7 @@ class PipelineConfig:
             if sub is None:
                 continue
             if not isinstance(sub, TrainConfig):
-                raise ValueError(f"config.{key}={sub!r} is not valid; valid values: a TrainConfig")
-            if key == "finetune" and sub.num_epochs == 0:
-                sub = sub.replace(num_epochs=1)  # 0: skip finetuning
+                raise ValueError(f"config.{key}={sub!r} is not valid; valid values: a TrainConfig or null")
             try:
                 sub.validate(check_model=key == "train")
             except ValueError as e:
@@ -315,7 +261,11 @@ class PipelineConfig:
         if not isinstance(self.prune, PruneConfig):
             raise ValueError(f"config.prune={self.prune!r} is not valid; valid values: a PruneConfig")
         self.prune.validate()
-        if self.train is not None and self.train.dataset != self.finetune.dataset:
+        if self.train is None and self.finetune is None:
+            raise ValueError("config.train=None and config.finetune=None: nothing names the data set to prune, "
+                             "re-estimate BatchNorm and evaluate on; give train (a TrainConfig of the baseline: "
+                             "its dataset and model; not run, the baseline is config.checkpoint) or finetune")
+        if self.train is not None and self.finetune is not None and self.train.dataset != self.finetune.dataset:
             raise ValueError(f"config.finetune.dataset={self.finetune.dataset!r} differs from config.train.dataset="
                              f"{self.train.dataset!r}; the pipeline prunes and finetunes on the baseline's data set")
         if not isinstance(self.published, Mapping) or any(k not in PUBLISHED_KEYS for k in self.published):
@@ -329,19 +279,10 @@ class PipelineConfig:
         return self
 
     @property
-    def dataset(self) -> str:
-        return self.finetune.dataset
-
-
-def _set_in_dict(current: Any, dotted: str, value: Any, full_key: str) -> dict:
-    if current is None:
-        current = {}
-    if not isinstance(current, Mapping):
-        raise ValueError(f"cannot set {full_key!r}: {current!r} is not a dict")
-    out = dict(current)
-    head, _, rest = dotted.partition(".")
-    out[head] = _set_in_dict(out.get(head), rest, value, full_key) if rest else value
-    return out
+    def dataset(self) -> str | None:
+        """The data set of every step: the baseline's (``train``), else the finetuning's."""
+        section = self.train if self.train is not None else self.finetune
+        return None if section is None else section.dataset
 
 
 # --------------------------------------------------------------------------------------
@@ -402,12 +343,14 @@ def smoke_config(config: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
                               progress=False, num_steps=SMOKE_STEPS, data_parallel=False)
     if config.checkpoint is not None and config.train is not None:
         notes.append("checkpoint not read: a shrunk baseline is trained from `train`")
-    ft = config.finetune.replace(smoke=True, progress=False, image_size=train.image_size if train.model else None,
-                                 data_parallel=False)
-    if ft.num_epochs or ft.num_steps:
-        ft = ft.replace(num_steps=SMOKE_STEPS)
+    ft = config.finetune
+    if ft is not None:
+        ft = ft.replace(smoke=True, progress=False, image_size=train.image_size if train.model else None,
+                        data_parallel=False, num_steps=SMOKE_STEPS)
     p = config.prune
-    options = {**p.options, **SMOKE_METHOD_OPTIONS.get(p.method, {})}
+    from ib_lasso_jax.pruning import method_info
+
+    options = {**p.options, **method_info(p.method).smoke_options}
     prune = p.replace(options=options, reestimate_bn_batches=min(p.reestimate_bn_batches, 2),
                       bn_batch_size=min(p.bn_batch_size, 16))
     out = config.replace(train=train if train.model else None,
@@ -485,7 +428,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
     from ib_lasso_jax import checkpoint
     from ib_lasso_jax.data import load_dataset
     from ib_lasso_jax.graph import counting
-    from ib_lasso_jax.pruning import prune
+    from ib_lasso_jax.pruning import method_info, prune
     from ib_lasso_jax.train.training import evaluate, finetune, reestimate_batchnorm, train_and_evaluate
 
     t_start = time.perf_counter()
@@ -497,7 +440,7 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
     if config.data_dir is not None:
         config = config.replace(
             train=None if config.train is None else config.train.replace(data_dir=config.data_dir),
-            finetune=config.finetune.replace(data_dir=config.data_dir))
+            finetune=None if config.finetune is None else config.finetune.replace(data_dir=config.data_dir))
     workdir = Path(workdir)
     check_workdir(config, workdir)
     times: dict[str, float] = {}
@@ -519,15 +462,17 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
         model = train_and_evaluate(tc, workdir / "baseline").model
         baseline_source = {"train": tc.to_dict()}
     image_size = int(model.spec.input_shape[0])
-    ft_cfg = config.finetune
-    if ft_cfg.image_size is None:
-        ft_cfg = ft_cfg.replace(image_size=image_size)
-    ds = load_dataset(ft_cfg.dataset, data_dir=ft_cfg.data_dir, image_size=ft_cfg.image_size)
+    # The data set, its directory and the evaluation batches: finetuning's, else the baseline's.
+    section = "finetune" if config.finetune is not None else "train"
+    data_cfg = getattr(config, section)
+    if data_cfg.image_size is None:
+        data_cfg = data_cfg.replace(image_size=image_size)
+    ds = load_dataset(data_cfg.dataset, data_dir=data_cfg.data_dir, image_size=data_cfg.image_size)
     if tuple(ds.input_shape) != tuple(model.spec.input_shape) or ds.num_classes != model.spec.num_classes:
         raise ValueError(f"the baseline {model.spec.name!r} takes {tuple(model.spec.input_shape)} with "
-                         f"{model.spec.num_classes} classes, but config.finetune.dataset={ft_cfg.dataset!r} at "
-                         f"image_size={ft_cfg.image_size!r} gives {tuple(ds.input_shape)} with {ds.num_classes}")
-    eval_kw = dict(batch_size=ft_cfg.resolved().eval_batch_size, max_batches=ft_cfg.resolved().eval_max_batches)
+                         f"{model.spec.num_classes} classes, but config.{section}.dataset={data_cfg.dataset!r} at "
+                         f"image_size={data_cfg.image_size!r} gives {tuple(ds.input_shape)} with {ds.num_classes}")
+    eval_kw = dict(batch_size=data_cfg.resolved().eval_batch_size, max_batches=data_cfg.resolved().eval_max_batches)
     acc_base = evaluate(model, ds, **eval_kw)
     c_base = counting.count(model)
     times["baseline_s"] = time.perf_counter() - t0
@@ -538,9 +483,10 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
     t0 = time.perf_counter()
     p = config.prune
     method = p.method
-    if config.smoke and method in _CLASSWISE and ds.num_classes > SMOKE_MAX_CLASSES:
-        substitutions.append(f"method {method} -> hsic-lasso ({ds.num_classes} classes)")
-        method = "hsic-lasso"
+    substitute = method_info(method).smoke_substitute
+    if config.smoke and substitute and ds.num_classes > SMOKE_MAX_CLASSES:
+        substitutions.append(f"method {method} -> {substitute} ({ds.num_classes} classes)")
+        method = substitute
     prune_key = {"baseline": baseline_source, "prune": p.to_dict(), "method_run": method, "smoke": config.smoke}
     pruned_dir = workdir / "pruned"
     small = None
@@ -592,15 +538,15 @@ def run(config: PipelineConfig, workdir: str | os.PathLike) -> PipelineResult:
     final = small
     acc_final = acc_pruned
     ft_metrics = None
-    if ft_cfg.num_epochs or ft_cfg.num_steps:
-        ft_run = ft_cfg.replace(progress=progress and ft_cfg.progress)
+    if config.finetune is not None:
+        ft_run = data_cfg.replace(progress=progress and data_cfg.progress)
         length = f"{ft_run.num_steps} steps" if ft_run.num_steps else f"{ft_run.num_epochs} epochs"
         _print(f"[4/{steps}] finetuning ({length}, lr {ft_run.learning_rate}) in {workdir / 'finetune'}")
         result = finetune(small, ft_run, workdir / "finetune")
         final, ft_metrics = result.model, result.metrics
         acc_final = evaluate(final, ds, **eval_kw)
     else:
-        _print(f"[4/{steps}] no finetuning (finetune.num_epochs=0)")
+        _print(f"[4/{steps}] no finetuning (finetune=None)")
     times["finetune_s"] = time.perf_counter() - t0
 
     # [5/5] report -------------------------------------------------------------------------

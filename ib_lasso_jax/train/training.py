@@ -71,6 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ib_lasso_jax import checkpoint
+from ib_lasso_jax import config as config_lib
 from ib_lasso_jax.checkpoint import CheckpointError, series
 from ib_lasso_jax.checkpoint.model import _model_spec
 from ib_lasso_jax.checkpoint.series import (
@@ -80,7 +81,8 @@ from ib_lasso_jax.checkpoint.series import (
     checkpoint_model_spec,
     latest_checkpoint,
 )
-from ib_lasso_jax.models._registry import DATASETS, ModelSpec, create
+from ib_lasso_jax.data.info import DATASET_INFO
+from ib_lasso_jax.models._registry import ModelSpec, create
 from ib_lasso_jax.models._registry import available as available_models
 from ib_lasso_jax.train import parallel
 from ib_lasso_jax.train.evaluation import _evaluate_state, evaluate, reestimate_batchnorm
@@ -205,29 +207,18 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied; unknown keys raise ValueError."""
-        _check_keys(changes)
         if "milestones" in changes and changes["milestones"] is not None:
             changes["milestones"] = tuple(changes["milestones"])
-        return dataclasses.replace(self, **changes)
+        return config_lib.replace(self, **changes)
 
     def override(self, assignments: Iterable[str]) -> TrainConfig:
-        """A copy with ``key=value`` strings applied (values parsed as JSON, else strings).
+        """A copy with ``key=value`` strings applied, each typed by its field (:func:`ib_lasso_jax.config.override`).
 
-        >>> TrainConfig().override(["learning_rate=0.05", "schedule=step"]).schedule
-        'step'
+        >>> c = TrainConfig().override(["learning_rate=0.05", "schedule=step", "num_epochs=3"])
+        >>> c.schedule, c.num_epochs
+        ('step', 3)
         """
-        changes = {}
-        for a in assignments:
-            if "=" not in a:
-                raise ValueError(f"--set expects key=value; got {a!r}")
-            key, text = a.split("=", 1)
-            key = key.strip()
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                value = {"none": None, "true": True, "false": False}.get(text.strip().lower(), text)
-            changes[key] = value
-        return self.replace(**changes)
+        return config_lib.override(self, assignments)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -236,7 +227,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        _check_keys(d)
         return cls().replace(**d)
 
     # -- checks ----------------------------------------------------------------------------
@@ -247,8 +237,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value not in valid:
                 raise ValueError(f"config.{key}={value!r} is not valid; valid values: {list(valid)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"config.dataset={self.dataset!r} is not valid; valid values: {sorted(DATASETS)}")
+        if self.dataset not in DATASET_INFO:
+            raise ValueError(f"config.dataset={self.dataset!r} is not valid; valid values: {sorted(DATASET_INFO)}")
         if check_model and self.model not in available_models():
             raise ValueError(f"config.model={self.model!r} is not valid; valid values: {available_models()}")
         positive = ["batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "eval_every_epochs",
@@ -298,13 +288,6 @@ class TrainConfig:
             num_steps=min(self.num_steps or 6, 6), batch_size=bs, eval_batch_size=bs, eval_max_batches=2,
             checkpoint_every_steps=3, log_every_steps=1, warmup_epochs=0.0,
         )
-
-
-def _check_keys(d: Iterable[str]) -> None:
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
-    bad = [k for k in d if k not in valid]
-    if bad:
-        raise ValueError(f"unknown config key(s) {bad}; valid keys: {valid}")
 
 
 # --------------------------------------------------------------------------------------

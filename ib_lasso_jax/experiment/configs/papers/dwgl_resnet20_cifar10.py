@@ -5,10 +5,10 @@ Paper: Zhan et al., "Directed-Weighting Group Lasso for Eltwise Blocked CNN Prun
 Row: ResNet-20 CIFAR-10: 52.06% compression, +0.72% error.
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run dwgl_resnet20_cifar10 --workdir runs/dwgl_resnet20_cifar10 --set data_dir='"$DATA"'
+    ib-lasso run dwgl_resnet20_cifar10 --workdir runs/dwgl_resnet20_cifar10 --set data_dir="$DATA"
 
 Expected runtime: estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning
 ~30 min on one H100.
@@ -16,13 +16,9 @@ Expected runtime: estimate, not measured: baseline ~25 min + DWGL training ~5 mi
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
-
-Choices: As dwgl_resnet56_cifar10: compression read as FLOPs reduction; 30 DWGL epochs and 200
-finetuning epochs are our choices; DWGL training reads TFDS's default data_dir.
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -39,5 +35,6 @@ def get_config() -> PipelineConfig:
         published={"compression": 0.5206, "accuracy_drop": 0.0072},
         expected_runtime=('estimate, not measured: baseline ~25 min + DWGL training ~5 min + finetuning ~30 min '
                           'on one H100'),
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=('As dwgl_resnet56_cifar10: compression read as FLOPs reduction; 30 DWGL epochs and 200 finetuning '
+               "epochs are our choices; DWGL training reads TFDS's default data_dir."),
     )

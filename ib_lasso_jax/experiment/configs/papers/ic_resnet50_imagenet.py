@@ -5,10 +5,10 @@ Paper: Chen & Wang, "An Effective Information Theoretic Framework for Channel Pr
 Row: ResNet-50 ImageNet: FLOPs -41.6%, params -35.0%, -0.43% top-1 / -0.11% top-5.
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run ic_resnet50_imagenet --workdir runs/ic_resnet50_imagenet --set data_dir='"$DATA"'
+    ib-lasso run ic_resnet50_imagenet --workdir runs/ic_resnet50_imagenet --set data_dir="$DATA"
 
 Expected runtime: estimate, not measured: days on one H100 (90 finetuning epochs; the input
 pipeline bounds it).
@@ -17,13 +17,9 @@ Data preparation (nothing is downloaded by the library)::
 
     download ILSVRC2012 manually, then
     tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
-
-Choices: One image per class (1000) for ranks and entropies; finetuning recipe APIB's ImageNet
-one (ours).
 """
 
-from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import finetune_recipe, imagenet_baseline
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -38,5 +34,5 @@ def get_config() -> PipelineConfig:
         published={"flops_reduction": 0.416, "params_reduction": 0.35, "accuracy_drop": 0.0043, "top5_drop": 0.0011},
         expected_runtime=('estimate, not measured: days on one H100 (90 finetuning epochs; '
                           'the input pipeline bounds it)'),
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=("One image per class (1000) for ranks and entropies; finetuning recipe APIB's ImageNet one (ours)."),
     )

@@ -5,15 +5,15 @@ Paper: Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Informatio
 Row: ResNet-56 CIFAR-100 (the paper's number is not available to us; target FLOPs -50%).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_resnet56_cifar100 --workdir runs/sglp_resnet56_cifar100 --set data_dir='"$DATA"'
+    ib-lasso run sglp_resnet56_cifar100 --workdir runs/sglp_resnet56_cifar100 --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_resnet56_cifar100 --workdir runs/stlp_resnet56_cifar100 --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_resnet56_cifar100 --workdir runs/stlp_resnet56_cifar100 --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: baseline ~1 h + pruning ~30 min + finetuning ~1 h on
 one H100.
@@ -21,13 +21,9 @@ one H100.
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar100 --data_dir=$DATA --file_format=array_record
-
-Choices: The CIFAR-100 rows are not in METHODS.md; the CIFAR-10 budget is reused. 5 images per
-class (N=500).
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -41,5 +37,5 @@ def get_config() -> PipelineConfig:
         paper_row="ResNet-56 CIFAR-100 (the paper's number is not available to us; target FLOPs -50%)",
         published={},
         expected_runtime='estimate, not measured: baseline ~1 h + pruning ~30 min + finetuning ~1 h on one H100',
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=('The CIFAR-100 rows are not in METHODS.md; the CIFAR-10 budget is reused. 5 images per class (N=500).'),
     )

@@ -1,12 +1,13 @@
 """Paper configs: one ``get_config() -> PipelineConfig`` per published table row.
 
 Run one with ``ib-lasso run NAME --workdir DIR [--set key=value ...] [--smoke]``; ``NAME``
-is a file name here without ``.py`` (or a path to any such file). Each file's docstring gives
-the paper, the row, the exact command, the expected GPU runtime and the data to prepare.
+is a module name here (``ib-lasso configs`` lists them), or a path to a ``.py`` file of one's
+own. Each module's docstring gives the paper, the row, the exact command, the expected GPU
+runtime and the data to prepare; its ``notes`` say what it chose where the paper is silent.
 None of the rows has been run at full scale (see docs/pipeline.md for the status table).
 
 ===================================== ====================================================
-``sglp_vgg16_cifar10``                sGLP-IB (``--set prune.method='"stlp-ib"'``: sTLP-IB)
+``sglp_vgg16_cifar10``                sGLP-IB (``--set prune.method=stlp-ib``: sTLP-IB)
                                       VGG-16 CIFAR-10: FLOPs -61%, params -85%, 94.10%
 ``sglp_resnet56_cifar10``             sGLP-IB/sTLP-IB ResNet-56 CIFAR-10 (target: FLOPs -50%)
 ``sglp_resnet110_cifar10``            sGLP-IB/sTLP-IB ResNet-110 CIFAR-10 (FLOPs -58%)
@@ -33,41 +34,24 @@ None of the rows has been run at full scale (see docs/pipeline.md for the status
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
-__all__ = ["PAPERS_DIR", "available", "load"]
+from ib_lasso_jax.experiment import configs
 
-PAPERS_DIR = Path(__file__).resolve().parent
+__all__ = ["available", "load"]
 
 
 def available() -> list[str]:
-    """Names of the config files in this directory."""
-    return sorted(p.stem for p in PAPERS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    """Names of the paper configs."""
+    return configs.available(__name__)
 
 
 def load(name_or_path: str | os.PathLike):
-    """``get_config()`` of config ``name_or_path`` (a name from :func:`available` or a path).
+    """``get_config()`` of paper config ``name_or_path`` (a name from :func:`available` or a path).
 
     Raises:
-      ValueError: unknown name, or the file has no ``get_config`` returning a PipelineConfig.
+      ValueError: unknown name, or no ``get_config`` returning a PipelineConfig.
     """
     from ib_lasso_jax.experiment.pipeline import PipelineConfig
 
-    text = os.fspath(name_or_path)
-    path = Path(text) if text.endswith(".py") else PAPERS_DIR / f"{text}.py"
-    if not path.is_file() or path.stem.startswith("_"):
-        raise ValueError(f"config={text!r} is not valid; valid configs: {available()} or a path to a .py file")
-    if str(PAPERS_DIR) not in sys.path:  # the configs share experiments/papers/_recipes.py
-        sys.path.insert(0, str(PAPERS_DIR))
-    spec = importlib.util.spec_from_file_location(f"ib_lasso_paper_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    get_config = getattr(module, "get_config", None)
-    config = get_config() if callable(get_config) else None
-    if not isinstance(config, PipelineConfig):
-        raise ValueError(f"config file {str(path)!r} must define get_config() returning a PipelineConfig; "
-                         f"got {type(config).__name__}")
-    return config
+    return configs.load(__name__, name_or_path, PipelineConfig)

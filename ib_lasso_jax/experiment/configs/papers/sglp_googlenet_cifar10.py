@@ -5,15 +5,15 @@ Paper: Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Informatio
 Row: GoogLeNet CIFAR-10 (the paper's number is not available to us; target FLOPs -55%).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_googlenet_cifar10 --workdir runs/sglp_googlenet_cifar10 --set data_dir='"$DATA"'
+    ib-lasso run sglp_googlenet_cifar10 --workdir runs/sglp_googlenet_cifar10 --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_googlenet_cifar10 --workdir runs/stlp_googlenet_cifar10 --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_googlenet_cifar10 --workdir runs/stlp_googlenet_cifar10 --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: baseline ~4 h + pruning ~20 min + finetuning ~2 h on
 one H100.
@@ -21,15 +21,9 @@ one H100.
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
-
-Choices: The paper's GoogLeNet row is not in METHODS.md. Target FLOPs -55% is HRank's GoogLeNet
-budget as we recall it (-54.9%); not verified. APIB prunes the 3x3-reduce and 5x5-reduce
-branches; our policy 'inner' prunes every prunable group the coupling trace finds (see `ib-lasso
-groups --model googlenet`).
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -43,5 +37,8 @@ def get_config() -> PipelineConfig:
         paper_row="GoogLeNet CIFAR-10 (the paper's number is not available to us; target FLOPs -55%)",
         published={},
         expected_runtime='estimate, not measured: baseline ~4 h + pruning ~20 min + finetuning ~2 h on one H100',
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=("The paper's GoogLeNet row is not in METHODS.md. Target FLOPs -55% is HRank's GoogLeNet budget as we "
+               'recall it (-54.9%); not verified. APIB prunes the 3x3-reduce and 5x5-reduce branches; our policy '
+               "'inner' prunes every prunable group the coupling trace finds (see `ib-lasso groups --model "
+               'googlenet`).'),
     )

@@ -5,15 +5,15 @@ Paper: Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Informatio
 Row: VGG-16 CIFAR-10: FLOPs -61%, params -85%, 94.10% (baseline 93.96%, +0.14).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_vgg16_cifar10 --workdir runs/sglp_vgg16_cifar10 --set data_dir='"$DATA"'
+    ib-lasso run sglp_vgg16_cifar10 --workdir runs/sglp_vgg16_cifar10 --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_vgg16_cifar10 --workdir runs/stlp_vgg16_cifar10 --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_vgg16_cifar10 --workdir runs/stlp_vgg16_cifar10 --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: baseline 1.5 h + pruning ~10 min + finetuning 200
 epochs ~1 h on one H100.
@@ -21,14 +21,9 @@ epochs ~1 h on one H100.
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
-
-Choices: Published: FLOPs -61%, params -85%, 94.10%. Finetuning 200 epochs (APIB: up to 350) is
-our choice. Calibration: 20 images per class (200), class-balanced ([choice]; APIB used one
-unlabelled batch of 128).
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -43,5 +38,7 @@ def get_config() -> PipelineConfig:
         published={"accuracy": 0.9410, "baseline_accuracy": 0.9396, "flops_reduction": 0.61, "params_reduction": 0.85},
         expected_runtime=('estimate, not measured: baseline 1.5 h + pruning ~10 min + finetuning 200 epochs ~1 h '
                           'on one H100'),
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=('Published: FLOPs -61%, params -85%, 94.10%. Finetuning 200 epochs (APIB: up to 350) is our choice. '
+               'Calibration: 20 images per class (200), class-balanced ([choice]; APIB used one unlabelled batch of '
+               '128).'),
     )

@@ -6,15 +6,15 @@ Row: ResNet-56 CIFAR-10 (the paper's number is not available to us; target FLOPs
 budget).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_resnet56_cifar10 --workdir runs/sglp_resnet56_cifar10 --set data_dir='"$DATA"'
+    ib-lasso run sglp_resnet56_cifar10 --workdir runs/sglp_resnet56_cifar10 --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_resnet56_cifar10 --workdir runs/stlp_resnet56_cifar10 --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_resnet56_cifar10 --workdir runs/stlp_resnet56_cifar10 --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: baseline ~1 h + pruning ~10 min + finetuning ~1 h on
 one H100.
@@ -22,14 +22,9 @@ one H100.
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
-
-Choices: The paper's ResNet-56 row is not in METHODS.md (abstract only). Target FLOPs -50% is
-HRank's ResNet-56 budget (HRank: 93.17% at -50.0% FLOPs / -42.4% params), for comparison. Policy
-inner (APIB's default: only the inner channel of each basic block).
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -43,5 +38,7 @@ def get_config() -> PipelineConfig:
         paper_row="ResNet-56 CIFAR-10 (the paper's number is not available to us; target FLOPs -50%, HRank's budget)",
         published={},
         expected_runtime='estimate, not measured: baseline ~1 h + pruning ~10 min + finetuning ~1 h on one H100',
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=("The paper's ResNet-56 row is not in METHODS.md (abstract only). Target FLOPs -50% is HRank's ResNet-56"
+               " budget (HRank: 93.17% at -50.0% FLOPs / -42.4% params), for comparison. Policy inner (APIB's default:"
+               ' only the inner channel of each basic block).'),
     )

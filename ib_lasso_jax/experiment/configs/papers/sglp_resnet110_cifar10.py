@@ -5,15 +5,15 @@ Paper: Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Informatio
 Row: ResNet-110 CIFAR-10 (the paper's number is not available to us; target FLOPs -58%).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_resnet110_cifar10 --workdir runs/sglp_resnet110_cifar10 --set data_dir='"$DATA"'
+    ib-lasso run sglp_resnet110_cifar10 --workdir runs/sglp_resnet110_cifar10 --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_resnet110_cifar10 --workdir runs/stlp_resnet110_cifar10 --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_resnet110_cifar10 --workdir runs/stlp_resnet110_cifar10 --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: baseline ~2 h + pruning ~20 min + finetuning ~1.5 h on
 one H100.
@@ -21,13 +21,9 @@ one H100.
 Data preparation (nothing is downloaded by the library)::
 
     tfds build cifar10 --data_dir=$DATA --file_format=array_record
-
-Choices: The paper's ResNet-110 row is not in METHODS.md. Target FLOPs -58% is HRank's
-ResNet-110 budget as we recall it (-58.2%); not verified against HRank's paper here.
 """
 
-from _recipes import cifar_baseline, finetune_recipe  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import cifar_baseline, finetune_recipe
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -41,5 +37,6 @@ def get_config() -> PipelineConfig:
         paper_row="ResNet-110 CIFAR-10 (the paper's number is not available to us; target FLOPs -58%)",
         published={},
         expected_runtime='estimate, not measured: baseline ~2 h + pruning ~20 min + finetuning ~1.5 h on one H100',
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=("The paper's ResNet-110 row is not in METHODS.md. Target FLOPs -58% is HRank's ResNet-110 budget as we "
+               "recall it (-58.2%); not verified against HRank's paper here."),
     )

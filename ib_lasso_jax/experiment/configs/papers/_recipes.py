@@ -7,25 +7,19 @@ are our choice (APIB used up to 350): 200 on CIFAR, 90 on ImageNet, stated per r
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from ib_lasso_jax.experiment.configs import examples
 from ib_lasso_jax.train.training import TrainConfig
 
 
 def training_config(name: str) -> TrainConfig:
-    """``get_config()`` of ``experiments/configs/<name>.py``: the recipe ``ib-lasso train`` runs."""
-    init = Path(__file__).resolve().parents[1] / "configs" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("ib_lasso_experiment_configs", init)
-    configs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(configs)
-    return configs.load(name)
+    """``get_config()`` of the example config ``name``: the recipe ``ib-lasso train --config NAME`` runs."""
+    return examples.load(name)
 
 
 def cifar_baseline(model: str, dataset: str = "cifar10") -> TrainConfig:
     """The baseline recipe of a CIFAR zoo model (what `ib-lasso train` would run): ResNets as
-    experiments/configs/cifar10_resnet56 (He et al. 2016), VGG-16 / GoogLeNet as
-    experiments/configs/cifar10_vgg16 (HRank's recipe)."""
+    the example config cifar10_resnet56 (He et al. 2016), VGG-16 / GoogLeNet as the example
+    config cifar10_vgg16 (HRank's recipe)."""
     recipe = training_config("cifar10_resnet56" if model.startswith("resnet") else "cifar10_vgg16")
     return recipe.replace(dataset=dataset, model=model)
 
@@ -39,7 +33,7 @@ def imagenet_baseline(model: str = "resnet50") -> TrainConfig:
 
 
 def mnist_baseline(dataset: str = "mnist") -> TrainConfig:
-    """LeNet-5 as experiments/configs/mnist5k_lenet, on full MNIST."""
+    """LeNet-5 as the example config mnist5k_lenet, on full MNIST."""
     return training_config("mnist5k_lenet").replace(dataset=dataset, log_every_steps=50)
 
 

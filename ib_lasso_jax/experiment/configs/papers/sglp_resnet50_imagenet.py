@@ -5,15 +5,15 @@ Paper: Liu et al., "Enhanced Structured Lasso Pruning with Class-wise Informatio
 Row: ResNet-50 ImageNet: FLOPs -57%, params -55%, 76.12% top-1 (-0.03).
 
 Command (the baseline is trained in WORKDIR/baseline first; to start from a baseline trained
-earlier add ``--set checkpoint='"runs/baseline/model"'``; ``--smoke`` checks the setup in
+earlier add ``--set checkpoint=runs/baseline/model``; ``--smoke`` checks the setup in
 seconds on a CPU with a shrunk model)::
 
-    ib-lasso run sglp_resnet50_imagenet --workdir runs/sglp_resnet50_imagenet --set data_dir='"$DATA"'
+    ib-lasso run sglp_resnet50_imagenet --workdir runs/sglp_resnet50_imagenet --set data_dir="$DATA"
 
 sTLP-IB (the tree-guided scheme) on the same row::
 
-    ib-lasso run sglp_resnet50_imagenet --workdir runs/stlp_resnet50_imagenet --set data_dir='"$DATA"' \
-        --set prune.method='"stlp-ib"'
+    ib-lasso run sglp_resnet50_imagenet --workdir runs/stlp_resnet50_imagenet --set data_dir="$DATA" \
+        --set prune.method=stlp-ib
 
 Expected runtime: estimate, not measured: finetuning 90 epochs takes days on one H100 (the
 numpy/PIL input pipeline on 16 cores, not the GPU, bounds it); start from a trained baseline
@@ -23,16 +23,9 @@ Data preparation (nothing is downloaded by the library)::
 
     download ILSVRC2012 manually, then
     tfds build imagenet2012 --data_dir=$DATA --manual_dir=$MANUAL --file_format=array_record
-
-Choices: Published: FLOPs -57%, params -55%, 76.12% top-1 (-0.03). One calibration image per
-class (N=1000): class-wise responses are (1000, N, N), 4 GB per layer in float32, which an 80 GB
-GPU holds; finetuning: lr 0.01 (METHODS.md), 90 epochs and wd 1e-4 (torchvision's) are our
-choices. torchvision's pretrained weights cannot be imported yet: the baseline is trained here
-or given with --set checkpoint=.
 """
 
-from _recipes import finetune_recipe, imagenet_baseline  # noqa: F401
-
+from ib_lasso_jax.experiment.configs.papers._recipes import finetune_recipe, imagenet_baseline
 from ib_lasso_jax.experiment.pipeline import PipelineConfig, PruneConfig
 
 
@@ -48,5 +41,9 @@ def get_config() -> PipelineConfig:
         expected_runtime=('estimate, not measured: finetuning 90 epochs takes days on one H100 (the numpy/PIL '
                           'input pipeline on 16 cores, not the GPU, bounds it); start from a trained baseline with '
                           '--set checkpoint=...; the baseline itself is a further ~4-6 days'),
-        notes=" ".join(__doc__.split("Choices: ", 1)[1].split()),
+        notes=('Published: FLOPs -57%, params -55%, 76.12% top-1 (-0.03). One calibration image per class (N=1000): '
+               'class-wise responses are (1000, N, N), 4 GB per layer in float32, which an 80 GB GPU holds; '
+               "finetuning: lr 0.01 (METHODS.md), 90 epochs and wd 1e-4 (torchvision's) are our choices. torchvision's"
+               ' pretrained weights cannot be imported yet: the baseline is trained here or given with --set '
+               'checkpoint=.'),
     )
