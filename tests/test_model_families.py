@@ -1,14 +1,13 @@
 """Architecture families written the way users write them, pruned end to end.
 
-The counterpart of Torch-Pruning's torchvision benchmark (issue 19, items 3 and 4), at toy
-widths: every family in ``experiments/model_families.py`` is a plain ``flax.nnx`` module
-(VGG, pre-activation and bottleneck ResNets, DenseNet, Inception, MobileNetV2,
-squeeze-and-excitation, ResNeXt, a flatten into a dense head, a channel split, a ShuffleNet
-channel shuffle). For each: the groups the tracer finds (and why the others are refused), surgery
-equal to masking under both residual policies, exact counts of the rebuilt model, its forward
-and gradient, and ``prune`` with a data-free method (``l1-norm``) and an IB method
-(``hsic-lasso``) to a FLOPs target. ``docs/model-families.md`` tabulates the same measurements.
-"""
+The counterpart of Torch-Pruning's torchvision benchmark, at toy widths: every family in
+``experiments/model_families.py`` is a plain ``flax.nnx`` module (VGG, pre-activation and
+bottleneck ResNets, DenseNet, Inception, MobileNetV2, squeeze-and-excitation, ResNeXt, a flatten
+into a dense head, a channel split, a ShuffleNet channel shuffle). For each: the groups the
+tracer finds (and why the others are refused), surgery equal to masking under both residual
+policies, exact counts of the rebuilt model, its forward and gradient, and ``prune`` with a
+data-free method (``l1-norm``) and an IB method (``hsic-lasso``) to a FLOPs target.
+``docs/model-families.md`` tabulates the same measurements. """
 
 import re
 import sys

@@ -69,7 +69,7 @@ SMOKE_MAX_WIDTH = 8
 SMOKE_IMAGE_SIZE = 32
 SMOKE_MAX_CLASSES = 100
 # Training steps of the baseline and of the finetuning: the smoke TrainConfig checkpoints every
-# 3 steps, so 3 steps write one training checkpoint (4 steps wrote two, ~0.5 s each for a ResNet).
+# 3 steps, so 3 steps write exactly one training checkpoint.
 SMOKE_STEPS = 3
 
 PUBLISHED_KEYS = ("accuracy", "baseline_accuracy", "accuracy_drop", "top5_accuracy", "top5_drop",
