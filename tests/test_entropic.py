@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph import consumers, coupling
 from ib_lasso_jax.models import create
 from ib_lasso_jax.pruning import prune
 from ib_lasso_jax.pruning.methods import entropic as E
@@ -67,12 +67,11 @@ def test_moments_reproduce_the_layer(lenet):
     model, (images, _) = lenet
     graph = coupling.trace_channels(model)
     for group in ("conv1", "conv2"):
-        obs = graph.observation(group)
-        eqn = E._eqn_of(graph, obs.out)
-        kernel = np.asarray(E.getattr_path(model, obs.consumer).kernel.get_value())
+        c = consumers.consumer(graph, group)
+        kernel = np.asarray(E.getattr_path(model, c.observation.consumer).kernel.get_value())
         mo = E.layer_moments(model, model, images, group, centred=False)
-        assert abs(E._rel_error(mo, E._from_kernel(eqn, kernel), fitted_intercept=False)) < 1e-5
-        np.testing.assert_array_equal(E._to_kernel(eqn, E._from_kernel(eqn, kernel), kernel.shape), kernel)
+        assert abs(E._rel_error(mo, c.kernel_matrix(kernel), fitted_intercept=False)) < 1e-5
+        np.testing.assert_array_equal(c.matrix_kernel(c.kernel_matrix(kernel), kernel.shape), kernel)
 
 
 def test_prune_hits_target_and_reconstruction_beats_slicing(lenet):

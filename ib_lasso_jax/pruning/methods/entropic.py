@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph import consumers, coupling
 from ib_lasso_jax.graph.features import capture, padded_batches
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.pruning.selection import exit_points
@@ -302,51 +302,6 @@ class LayerMoments(NamedTuple):
     centred: bool
 
 
-def _eqn_of(graph: coupling.ChannelGraph, out_var):
-    for e in graph.jaxpr.jaxpr.eqns:
-        if e.outvars and e.outvars[0] is out_var:
-            return e
-    raise coupling.CouplingError("internal: the consumer's equation is not in the top-level program")
-
-
-def _design(eqn, lhs):
-    """The consumer's input as design rows ``(rows, d)`` and its output as ``(rows, m)`` layout info."""
-    if eqn.primitive.name == "conv_general_dilated":
-        p = eqn.params
-        dn = p["dimension_numbers"]
-        rhs_shape = eqn.invars[1].aval.shape
-        filt = [rhs_shape[i] for i in dn.rhs_spec[2:]]
-        patches = jax.lax.conv_general_dilated_patches(
-            lhs, filt, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn)
-        # (B, C*K, *spatial) in out_spec order -> rows of C*K, channel-major (c * K + k).
-        patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
-        return patches.reshape(-1, patches.shape[-1])
-    return lhs.reshape(-1, lhs.shape[-1])
-
-
-def _outputs(eqn, out):
-    if eqn.primitive.name == "conv_general_dilated":
-        out = jnp.moveaxis(out, eqn.params["dimension_numbers"].out_spec[1], -1)
-    return out.reshape(-1, out.shape[-1])
-
-
-def _units(graph, obs, eqn):
-    """Design column -> input channel, and the units of the group's channels."""
-    n_in = obs.lhs.aval.shape[obs.axis]
-    unit_of = np.full(n_in, -1)
-    unit_of[obs.positions.reshape(-1)] = np.repeat(np.arange(obs.positions.shape[0]), obs.positions.shape[1])
-    rest = unit_of < 0
-    unit_of[rest] = obs.positions.shape[0] + np.arange(int(rest.sum()))
-    num = int(unit_of.max()) + 1
-    if eqn.primitive.name == "conv_general_dilated":
-        dn = eqn.params["dimension_numbers"]
-        K = int(np.prod([eqn.invars[1].aval.shape[i] for i in dn.rhs_spec[2:]]))
-        cols = np.repeat(unit_of, K)
-    else:
-        cols = unit_of
-    return cols, num, np.arange(obs.positions.shape[0])
-
-
 def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, group: str, *,
                   keep_out: np.ndarray | None = None, centred: bool = True,
                   batch_size: int = 128) -> LayerMoments:
@@ -359,12 +314,12 @@ def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, 
     images = np.asarray(images, np.float32)
     bs = min(int(batch_size), images.shape[0])
     gx = coupling.trace_channels(model_x, images.shape[1:], batch=bs, strict=False)
-    ox = gx.observation(group)
-    ex = _eqn_of(gx, ox.out)
+    cx = consumers.consumer(gx, group)
+    ox = cx.observation
     same = model_x is model_y
     gy = gx if same else coupling.trace_channels(model_y, images.shape[1:], batch=bs, strict=False)
-    oy = ox if same else gy.observation(group)
-    ey = ex if same else _eqn_of(gy, oy.out)
+    cy = cx if same else consumers.consumer(gy, group)
+    oy = cy.observation
     fx = capture(gx, [ox.lhs] if not same else [ox.lhs, ox.out])
     fy = None if same else capture(gy, [oy.out])
     lx = jax.tree_util.tree_leaves(nnx.split(model_x)[1])
@@ -373,8 +328,8 @@ def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, 
 
     @jax.jit
     def sums(lhs, out, real):
-        X = _design(ex, lhs)
-        Y = _outputs(ey, out)
+        X = cx.design(lhs)
+        Y = cy.rows(out)
         if keep is not None:
             Y = Y[:, keep]
         rows = X.shape[0] // lhs.shape[0]
@@ -398,7 +353,8 @@ def layer_moments(model_x: nnx.Module, model_y: nnx.Module, images: np.ndarray, 
         XtX = XtX - n * np.outer(x_mean, x_mean)
         XtY = XtY - n * np.outer(x_mean, y_mean)
         yty = yty - n * float(y_mean @ y_mean)
-    cols, num, gunits = _units(gx, ox, ex)
+    cols, num = cx.columns(ox.positions, ox.lhs.aval.shape[ox.axis])
+    gunits = np.arange(ox.positions.shape[0])
     return LayerMoments(XtX, XtY, float(yty), n, x_mean, y_mean, cols, num, gunits, centred)
 
 
@@ -468,15 +424,6 @@ def getattr_path(model, path: str):
     return m
 
 
-def _to_kernel(eqn, Q, shape):
-    """``Q (m, d)`` -> the consumer's kernel layout ``shape``."""
-    if eqn.primitive.name == "conv_general_dilated":
-        rs = eqn.params["dimension_numbers"].rhs_spec  # (O, I, *spatial) axes of the kernel
-        oi = Q.reshape([shape[rs[0]], shape[rs[1]]] + [shape[i] for i in rs[2:]])
-        return np.transpose(oi, np.argsort(rs))
-    return Q.T.reshape(shape)
-
-
 def reconstruct_layers(original: nnx.Module, small: nnx.Module, masks, images, *, policy: str = "inner",
                        mode: str = "entropic", eps_w: float = 1e-2, eps_l2: float = 1e-3, maxiter: int = 60,
                        w_steps: int = 10, batch_size: int = 128, graph: coupling.ChannelGraph | None = None):
@@ -491,11 +438,11 @@ def reconstruct_layers(original: nnx.Module, small: nnx.Module, masks, images, *
     keeps = graph.keep_vectors(masks, policy)
     order = {layer.module: i for i, layer in enumerate(graph.layers)}
     pruned = [g for g, m in masks.items() if not np.all(m)]
-    consumers = sorted({graph.observation(g).consumer: g for g in pruned}.items(), key=lambda kv: order[kv[0]])
+    refits = sorted({graph.observation(g).consumer: g for g in pruned}.items(), key=lambda kv: order[kv[0]])
     out = {}
     if mode == "none":
         return out
-    for consumer, group in consumers:
+    for consumer, group in refits:
         module = getattr_path(small, consumer)
         kernel = np.asarray(module.kernel.get_value())
         kpath = f"{consumer}/kernel"
@@ -515,10 +462,10 @@ def reconstruct_layers(original: nnx.Module, small: nnx.Module, masks, images, *
             continue
         # Relative error of the layer's output on the calibration set, sliced vs refitted.
         gs = coupling.trace_channels(small, strict=False)
-        eqn = _eqn_of(gs, gs.observation(group).out)
-        Q_old = _from_kernel(eqn, kernel)
+        cs = consumers.consumer(gs, group)
+        Q_old = cs.kernel_matrix(kernel)
         out[consumer] = (_rel_error(mo, Q_old, fitted_intercept=False), _rel_error(mo, Q, fitted_intercept=bias))
-        module.kernel.set_value(jnp.asarray(_to_kernel(eqn, Q, kernel.shape), kernel.dtype))
+        module.kernel.set_value(jnp.asarray(cs.matrix_kernel(Q, kernel.shape), kernel.dtype))
         if bias:
             b_old = np.asarray(module.bias.get_value())
             # Targets are the original's pre-bias outputs: add its bias back.
@@ -526,14 +473,6 @@ def reconstruct_layers(original: nnx.Module, small: nnx.Module, masks, images, *
             ob = ob if keep_out is None else ob[keep_out]
             module.bias.set_value(jnp.asarray(ob + mo.y_mean - mo.x_mean @ Q.T, b_old.dtype))
     return out
-
-
-def _from_kernel(eqn, kernel):
-    if eqn.primitive.name == "conv_general_dilated":
-        rs = eqn.params["dimension_numbers"].rhs_spec
-        k = np.transpose(kernel, rs)
-        return k.reshape(k.shape[0], -1).astype(np.float64)
-    return kernel.T.astype(np.float64)
 
 
 def _rel_error(mo: LayerMoments, Q, *, fitted_intercept: bool):
