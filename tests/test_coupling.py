@@ -172,3 +172,22 @@ def test_follows_names_the_layer_a_batchnorm_normalises():
     g = trace_channels(m, (8, 8, 3))
     assert g.follows("bn") is None and g.follows("c") is None
     assert g.follows("a") == "a"  # its bias acts on its own output
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "googlenet"])
+def test_channel_index_agrees_with_keep_vectors(name):
+    """The channel each position holds (what scaling reads) and the keep vectors (what surgery
+    slices by) say the same: a position is kept iff the channel it holds is."""
+    g = trace_channels(nnx.eval_shape(lambda: create(name)))
+    rng = np.random.default_rng(0)
+    for group in g.prunable("coupled").values():
+        mask = rng.random(group.size) < 0.5
+        mask[0] = True
+        kv = g.keep_vectors({group.name: mask}, "coupled")
+        assert set(kv) == set(group.params)
+        for p, axis in group.params:
+            channel = g.channel_index(group.name, p, axis)
+            assert np.bincount(channel[channel >= 0], minlength=group.size).min() >= 1
+            np.testing.assert_array_equal(kv[(p, axis)], np.where(channel >= 0, mask[channel], True))
+    with pytest.raises(ValueError, match="unknown channel group 'nope'"):
+        g.channel_index("nope", *g.groups[next(iter(g.groups))].params[0])

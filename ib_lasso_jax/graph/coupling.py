@@ -526,16 +526,27 @@ class ChannelGraph:
             raise CouplingError("the model has no conv or dense layer called at the top level")
         return sites[-1]
 
+    def channel_index(self, group: str, param: str, axis: int) -> np.ndarray:
+        """``(axis length,)``: the channel of ``group`` each position of ``param``'s ``axis`` holds, ``-1``
+        where it holds none (another group's channels, or channels no group owns)."""
+        if group not in self.groups:
+            raise ValueError(f"unknown channel group {group!r}; valid groups are: {', '.join(self.groups)}")
+        space = self._group_space[group]
+        rs, rp = self._resolve(self.space_of(param, axis))
+        out = np.full(len(rs), -1)
+        sel = rs == space
+        out[sel] = self._own_index[space][rp[sel]]
+        return out
+
     def channel_positions(self, group: str, param: str, axis: int) -> np.ndarray:
         """``(group.size, r)`` indices along ``param``'s ``axis`` holding each of the group's channels.
 
         ``r`` is 1 for a conv/BatchNorm axis and ``H*W`` for a dense input after a flatten.
         Raises if the axis does not hold every channel of the group the same number of times.
         """
-        space = self._group_space[group]
-        rs, rp = self._resolve(self.space_of(param, axis))
-        sel = rs == space
-        idx = self._own_index[space][rp[sel]]
+        channel = self.channel_index(group, param, axis)
+        sel = channel >= 0
+        idx = channel[sel]
         size = self.groups[group].size
         per = np.bincount(idx, minlength=size)
         if per.min() == 0 or (per != per[0]).any():

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph import coupling, scaling
+from ib_lasso_jax.graph.scaling import _copy
 from ib_lasso_jax.models import _registry
 
 __all__ = [
@@ -166,12 +167,6 @@ def _slice(value, keeps: dict[int, np.ndarray]):
     return jax.device_put(out)  # a fresh array (np.compress copies); jnp.asarray would compile a copy
 
 
-def _copy(value):
-    """A device copy of ``value`` that compiles nothing (``jnp.array(v, copy=True)`` compiles
-    a program per shape)."""
-    return jax.device_put(value, may_alias=False)
-
-
 def _flat_state(model):
     graphdef, state = nnx.split(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -277,33 +272,11 @@ def zero_channels(model: nnx.Module, masks: Mapping[str, Any], policy: str = "in
     """The same model (same shapes) with the removed channels silenced ("soft pruning").
 
     Every parameter that *produces* a removed channel (conv and dense kernel outputs and
-    biases, BatchNorm scale and shift) is zeroed, so the channel is exactly zero after its
+    biases, BatchNorm scale, shift and running statistics) is multiplied by the mask
+    (:func:`ib_lasso_jax.graph.scaling.scale_model`), so the channel is exactly zero after its
     BatchNorm and activation; consumers' weights are left alone. Its outputs equal those of
     :func:`apply_masks` (the correctness test of surgery), and it is how a method can
     evaluate a mask without rebuilding the network.
     """
     graph = graph or coupling.trace_channels(model)
-    keeps = graph.keep_vectors(masks, policy)
-    consumer_axes = graph.consumer_axes()
-    graphdef, treedef, paths, leaves = _flat_state(model)
-    by_param: dict[str, dict[int, np.ndarray]] = {}
-    for (p, axis), keep in keeps.items():
-        if (p, axis) in consumer_axes:
-            continue
-        by_param.setdefault(p, {})[axis] = keep
-    new = []
-    for p, v in zip(paths, leaves):
-        if p in by_param:
-            v = np.array(v)
-            for axis, keep in by_param[p].items():
-                shape = [1] * v.ndim
-                shape[axis] = len(keep)
-                v = v * keep.reshape(shape).astype(v.dtype)
-            v = jax.device_put(v)
-        else:
-            v = _copy(v)
-        new.append(v)
-    clone = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
-    if isinstance(getattr(model, "spec", None), _registry.ModelSpec):
-        clone.spec = model.spec
-    return clone
+    return scaling.scale_model(model, graph.check_masks(masks, policy), graph)

@@ -53,6 +53,7 @@ import optax
 from flax import nnx
 
 from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph.scaling import ChannelSlice, channel_slices, scale_channels
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 
 __all__ = [
@@ -181,7 +182,7 @@ def dwgl_groups(model: nnx.Module, graph: coupling.ChannelGraph | None = None, p
     groups = graph.prunable(policy) if groups is None else groups
     param_paths = {coupling.path_str(kp) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
-    consumer_axes = graph.consumer_axes()
+    slices = channel_slices(graph, groups)
     # Each BatchNorm joins the member of the layer whose output it normalises (the tracer's
     # reach); one after a residual add is a member of its own.
     norms = {"/".join(str(k) for k in p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
@@ -189,9 +190,9 @@ def dwgl_groups(model: nnx.Module, graph: coupling.ChannelGraph | None = None, p
     out = []
     for name, g in groups.items():
         by_member: dict[str, list] = {}
-        for p, axis in g.params:
-            if p not in param_paths or (p, axis) in consumer_axes:
-                continue
+        for p, axis, _ in slices[name]:
+            if p not in param_paths:
+                continue  # running statistics: not penalised
             if p.endswith("kernel") and axis != len(graph.param_shapes[p]) - 1:
                 continue  # a kernel's input axis (e.g. a dense layer after a flatten)
             mod = _module(p)
@@ -270,27 +271,21 @@ def prox_directed_group_lasso(params, groups_spec: Sequence[GroupSpec], scaling,
     """
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not valid; valid values: {list(NORMS)}")
-    flat, rebuild = _flat(params)
+    flat, _ = _flat(params)
     norms = member_norms(params, groups_spec)
-    scales: dict[tuple[str, int], jax.Array] = {}
+    slices, factors = {}, {}
     for g in groups_spec:
         n = norms[g.name]  # (M, C)
         if norm == "joint":
             n = jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(n), axis=0)), n.shape)
         thr = scaling * jnp.asarray(alphas[g.name], n.dtype)
         factor = jnp.where(n > thr, 1.0 - thr / jnp.where(n > 0, n, 1.0), 0.0)  # max(0, 1 - thr/||W||)
-        for m, f in zip(g.members, factor):
-            for p, a, pos in m.entries:
-                key = (p, a)
-                if key not in scales:
-                    scales[key] = jnp.ones(flat[p].shape[a], f.dtype)
-                scales[key] = scales[key].at[pos.reshape(-1)].set(jnp.repeat(f, pos.shape[1]))
-    out = dict(flat)
-    for (p, a), s in scales.items():
-        shape = [1] * out[p].ndim
-        shape[a] = -1
-        out[p] = out[p] * s.reshape(shape).astype(out[p].dtype)
-    return rebuild(out)
+        rows = [(ChannelSlice.at_positions(p, a, pos, flat[p].shape[a]), f)
+                for m, f in zip(g.members, factor) for p, a, pos in m.entries]
+        if rows:  # one shrinkage row per member entry
+            slices[g.name] = tuple(s for s, _ in rows)
+            factors[g.name] = jnp.stack([f for _, f in rows])
+    return scale_channels(params, slices, factors)
 
 
 def coupled_group_vote(member_norms: Any, tau: float) -> np.ndarray:

@@ -68,6 +68,7 @@ from flax import nnx
 
 from ib_lasso_jax.graph import coupling
 from ib_lasso_jax.graph.features import capture, iter_features
+from ib_lasso_jax.graph.scaling import channel_slices, scale_channels
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.pruning.methods import shapley
 from ib_lasso_jax.pruning.selection import Selection
@@ -211,8 +212,9 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
     """One compiled game for every group: ``values(group, masks (B, C_g)) -> (B,)`` minus the loss.
 
     A coalition keeps its channels of ``group`` and silences the others the way
-    :func:`ib_lasso_jax.graph.surgery.zero_channels` does (every producer-side parameter axis of
-    the group: kernel outputs, biases, BatchNorm statistics, multiplied by the mask), every
+    :func:`ib_lasso_jax.graph.surgery.zero_channels` does
+    (:func:`ib_lasso_jax.graph.scaling.scale_channels`: every producer-side parameter axis of
+    the group, kernel outputs, biases, BatchNorm statistics, multiplied by the mask), every
     other group whole. Masks of all groups are concatenated into one vector, so the network
     is compiled once for all layers; ``B`` coalitions run in one compiled call.
 
@@ -229,35 +231,18 @@ def loss_game(model: nnx.Module, graph: coupling.ChannelGraph, groups, images, l
     """
     mode = _coalition_mode(mode)
     graphdef, state = nnx.split(model)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    paths = [coupling.path_str(kp) for kp, _ in flat]
-    leaves = [jnp.asarray(v) for _, v in flat]
-    index = {p: i for i, p in enumerate(paths)}
-    consumer_axes = graph.consumer_axes()
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    leaves = [jnp.asarray(v) for v in leaves]
     names = list(groups)
-    offsets = dict(zip(names, np.cumsum([0] + [graph.groups[n].size for n in names])[:-1].tolist()))
-    total = sum(graph.groups[n].size for n in names)
-    # (leaf, axis) -> [(offset, size, positions (C, r))]: which mask entries scale which positions.
-    scaled: dict[tuple[int, int], list] = {}
-    for n in names:
-        for p, axis in graph.groups[n].params:
-            if (p, axis) in consumer_axes or p not in index:
-                continue
-            pos = graph.channel_positions(n, p, axis)
-            scaled.setdefault((index[p], axis), []).append((offsets[n], graph.groups[n].size, pos))
+    sizes = [graph.groups[n].size for n in names]
+    offsets = dict(zip(names, np.cumsum([0] + sizes)[:-1].tolist()))
+    total = sum(sizes)
+    slices = channel_slices(graph, names)
 
     def value(full_mask, leaves, x, y):
-        new = list(leaves)
-        for (i, axis), entries in scaled.items():
-            length = new[i].shape[axis]
-            factor = jnp.ones(length, new[i].dtype)
-            for off, size, pos in entries:
-                m = full_mask[off : off + size].astype(new[i].dtype)
-                factor = factor.at[pos.reshape(-1)].multiply(jnp.repeat(m, pos.shape[1]))
-            shape = [1] * new[i].ndim
-            shape[axis] = length
-            new[i] = new[i] * factor.reshape(shape)
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
+        scales = {n: full_mask[offsets[n]:offsets[n] + size] for n, size in zip(names, sizes)}
+        new = scale_channels(jax.tree_util.tree_unflatten(treedef, leaves), slices, scales)
+        m = nnx.merge(graphdef, new)
         m.eval()
         logits = m(x)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
