@@ -22,9 +22,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
 from ib_lasso_jax.graph.coupling import ChannelGraph, CouplingError, Observation
+
+try:
+    from jax.extend import core as jcore
+except ImportError:  # pragma: no cover
+    from jax import core as jcore  # type: ignore
 
 __all__ = ["Consumer", "consumer"]
 

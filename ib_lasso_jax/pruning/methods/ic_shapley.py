@@ -66,17 +66,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ib_lasso_jax.graph import coupling
+from ib_lasso_jax.graph import consumers, coupling
 from ib_lasso_jax.graph.features import capture, iter_features
 from ib_lasso_jax.graph.scaling import channel_slices, scale_channels
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method
 from ib_lasso_jax.pruning.methods import shapley
 from ib_lasso_jax.pruning.selection import Selection
-
-try:
-    from jax.extend import core as jcore
-except ImportError:  # pragma: no cover
-    from jax import core as jcore  # type: ignore
 
 __all__ = [
     "FUSIONS",
@@ -275,55 +270,32 @@ def reconstruction_games(model: nnx.Module, images, groups) -> dict:
     """
     images = np.asarray(images, np.float32)
     graph = coupling.trace_channels(model, images.shape[1:], batch=images.shape[0], strict=False)
-    closed = graph.jaxpr
-    eqn_of = {id(e.outvars[0]): e for e in closed.jaxpr.eqns if e.outvars}
-    wanted, plans = [], {}
-
-    def want(v):
-        for j, w in enumerate(wanted):
-            if w is v:
-                return j
-        wanted.append(v)
-        return len(wanted) - 1
-
-    for g in groups:
-        obs = graph.observation(g)
-        eqn = eqn_of[id(obs.out)]
-        slots = []
-        for v in eqn.invars:
-            if v is obs.lhs:
-                slots.append(("x", None))
-            elif isinstance(v, jcore.Literal):
-                slots.append(("lit", v.val))
-            else:
-                slots.append(("var", want(v)))
-        plans[g] = (obs, eqn, slots, want(obs.lhs))
+    ops = {g: consumers.consumer(graph, g) for g in groups}
+    wanted = []  # the captured variables, each once (a kernel or input may serve several groups)
+    for c in ops.values():
+        for v in (c.observation.lhs, *c.operands):
+            if not any(w is v for w in wanted):
+                wanted.append(v)
     leaves = jax.tree_util.tree_leaves(nnx.split(model)[1])
-    captured = capture(graph, wanted)(leaves, jnp.asarray(images))
+    captured = dict(zip(map(id, wanted), capture(graph, wanted)(leaves, jnp.asarray(images))))
 
     games = {}
-    for g, (obs, eqn, slots, xi) in plans.items():
-        x = captured[xi]
-        operands = tuple(captured[j] for kind, j in slots if kind == "var")
+    for g, c in ops.items():
+        obs = c.observation
+        x = captured[id(obs.lhs)]
+        operands = tuple(captured[id(v)] for v in c.operands)
         positions = obs.positions
         length = x.shape[obs.axis]
 
-        def value(mask, x, *operands, eqn=eqn, slots=slots, positions=positions, length=length, axis=obs.axis):
+        def value(mask, x, *operands, apply=c.apply, positions=positions, length=length, axis=obs.axis):
             # 1 where a channel of this group is removed; other positions (another group's
             # channels at a concatenation) are not this game's business.
             drop = jnp.zeros(length, x.dtype).at[positions.reshape(-1)].set(
                 jnp.repeat(1.0 - mask.astype(x.dtype), positions.shape[1]))
             shape = [1] * x.ndim
             shape[axis] = length
-
-            def op(inp):
-                ops = iter(operands)
-                vals = [inp if k == "x" else (v if k == "lit" else next(ops)) for k, v in slots]
-                out = eqn.primitive.bind(*vals, **eqn.params)
-                return out[0] if eqn.primitive.multiple_results else out
-
-            full = op(x)
-            removed = op(x * drop.reshape(shape))
+            full = apply(x, *operands)
+            removed = apply(x * drop.reshape(shape), *operands)
             return -jnp.sum(removed.astype(jnp.float32) ** 2) / jnp.maximum(jnp.sum(full.astype(jnp.float32) ** 2),
                                                                             1e-30)
 
