@@ -1,9 +1,9 @@
 """Deployment export: StableHLO (jax.export) and ONNX (jax2onnx) files compute what the model computes.
 
-Zoo families at reduced widths (the structure, which is what the exporters see, is unchanged),
-each also pruned (l1-norm, 40% of the FLOPs removed). The ONNX tests need the optional extra
-(``pip install 'ib-lasso-jax[onnx]'``; ``make test-onnx`` installs it in .venv-onnx and runs
-this file) and are skipped without it.
+Every zoo family (``models.available()``) at reduced widths on a small input (the structure,
+which is what the exporters see, is unchanged), each also pruned (l1-norm). The ONNX tests need
+the optional extra (``pip install 'ib-lasso-jax[onnx]'``; ``make test-onnx`` installs it in
+.venv-onnx and runs this file) and are skipped without it.
 """
 
 import json
@@ -20,7 +20,7 @@ from flax import nnx
 from conftest import randomise_batchnorm, scaled_widths
 from ib_lasso_jax import checkpoint
 from ib_lasso_jax.deploy import export
-from ib_lasso_jax.models import create, default_widths
+from ib_lasso_jax.models import available, create, default_widths
 from ib_lasso_jax.pruning import prune
 
 # vgg11 on 32x32x3: its last two convolutions run on 2x2 maps, the zoo's im2col case on a CPU.
@@ -32,20 +32,48 @@ BASES = {
     "resnet18": lambda: create("resnet18", input_shape=(32, 32, 3),
                                widths=scaled_widths(default_widths("resnet18"), 16), rngs=1),
 }
+
+
+def _small(name, input_shape, div):
+    return lambda: create(name, input_shape=input_shape, widths=scaled_widths(default_widths(name), div), rngs=1)
+
+
+# The other families, as small as each allows: the VGGs' last stage runs on 1x1 maps (im2col on a
+# CPU), GoogLeNet's inception max pools are 3x3/1 with explicit padding 1.
+BASES.update({
+    **{n: _small(n, (16, 16, 3), 8) for n in ("vgg13", "vgg16", "vgg19")},
+    **{n: _small(n, (8, 8, 3), 4) for n in ("resnet32", "resnet56", "resnet110")},
+    **{n: _small(n, (32, 32, 3), 16) for n in ("resnet34", "resnet50")},
+    "googlenet": _small("googlenet", (16, 16, 3), 8),
+})
 CASES = ["lenet5", "vgg11", "resnet20", "lenet5-pruned", "vgg11-pruned", "resnet20-pruned"]
+# Every family and a pruned model of each.
+ALL_CASES = [f"{name}{suffix}" for name in sorted(BASES) for suffix in ("", "-pruned")]
+OTHER_CASES = [c for c in ALL_CASES if c not in CASES]
 _MODELS = {}
 
 
 def _model(case):
-    """The model of ``case`` (built once per process), BatchNorm statistics randomised."""
+    """The model of ``case`` (built once per process), BatchNorm statistics randomised.
+
+    The first families are pruned by a FLOPs search, the others by keep ratios (no search: cheaper).
+    """
     if case not in _MODELS:
         name, _, pruned = case.partition("-")
         model = randomise_batchnorm(BASES[name](), 0)
-        if pruned:
+        if pruned and case in CASES:
             model, report = prune(model, None, "l1-norm", target_flops=0.4)
             assert report.flops_reduction > 0.3
+        elif pruned:
+            model, report = prune(model, None, "l1-norm", keep_ratios=0.6)
+            # policy 'inner': ResNet-18 loses 14% of its FLOPs (only the first conv of a block shrinks)
+            assert report.flops_reduction > 0.1 and model.spec.widths != BASES[name]().spec.widths
         _MODELS[case] = model
     return _MODELS[case]
+
+
+def test_every_zoo_family_is_covered():
+    assert sorted(BASES) == sorted(available())
 
 
 @nnx.jit
@@ -101,6 +129,22 @@ def test_stablehlo_round_trip_symbolic_batch(case, tmp_path):
     assert len(re.findall(r"= stablehlo\.convolution", text)) == _count(model, nnx.Conv)
     assert len(re.findall(r"= stablehlo\.dot_general", text)) == _count(model, nnx.Linear)
     assert not _float_concatenates(text)
+
+
+@pytest.mark.parametrize("case", OTHER_CASES)
+def test_stablehlo_round_trip_every_family(case, tmp_path):
+    """As above for every other family and its pruned model, at one batch size (a compile per size)."""
+    model = _model(case)
+    info = export.export_stablehlo(model, tmp_path / "m.jaxexport")
+    exported = export.read_stablehlo(info.path)
+    assert jax.export.is_symbolic_dim(exported.in_avals[0].shape[0])
+    x = _inputs(model, 2)
+    got, want = np.asarray(export.load_stablehlo(info.path)(x)), _reference(model, x)
+    assert got.shape == want.shape == (2, model.spec.num_classes)
+    assert _rel_err(got, want) < 1e-5
+    text = exported.mlir_module()  # every convolution a real one (im2col would turn some into dot_general)
+    assert len(re.findall(r"= stablehlo\.convolution", text)) == _count(model, nnx.Conv)
+    assert len(re.findall(r"= stablehlo\.dot_general", text)) == _count(model, nnx.Linear)
 
 
 @pytest.mark.parametrize("case", ["vgg11", "resnet20-pruned"])
@@ -240,7 +284,7 @@ def _onnx_ops(path):
     return [n.op_type for n in proto.graph.node]
 
 
-@pytest.mark.parametrize("case", [*CASES, "resnet18"])
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_onnx_round_trip_dynamic_batch(case, tmp_path):
     pytest.importorskip("jax2onnx")
     pytest.importorskip("onnxruntime")
@@ -258,7 +302,7 @@ def test_onnx_round_trip_dynamic_batch(case, tmp_path):
     ops = _onnx_ops(info.path)
     assert ops.count("Conv") == _count(model, nnx.Conv)
     assert ops.count("BatchNormalization") == _count(model, nnx.BatchNorm)
-    if case.startswith(("vgg", "lenet", "resnet18")):
+    if not re.match(r"resnet(20|32|56|110)\b", case):  # the CIFAR ResNets have no max pool
         assert "MaxPool" in ops
 
 

@@ -69,6 +69,7 @@ from ib_lasso_jax.models._layers import native_convs
 __all__ = [
     "FORMATS",
     "ExportInfo",
+    "eval_split",
     "export_checkpoint",
     "export_model",
     "export_onnx",
@@ -134,8 +135,12 @@ def _check_batch(batch: int | None) -> int | None:
     return int(batch)
 
 
-def _inference_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """``x -> logits`` of an eval-mode copy of ``model`` (sharing its arrays), weights as constants."""
+def eval_split(model: nnx.Module, purpose: str = "export") -> tuple[nnx.GraphDef, nnx.State]:
+    """``nnx.split`` of an eval-mode copy of ``model`` sharing its arrays (the caller's mode is left alone).
+
+    ValueError unless ``model`` is an NNX module with concrete arrays; ``purpose`` names what
+    needs them in the message. Serves the exports and :mod:`ib_lasso_jax.deploy.latency`.
+    """
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model must be a Flax NNX module; got {type(model).__name__}")
     graphdef, state = nnx.split(model)
@@ -144,10 +149,15 @@ def _inference_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
     if abstract:
         names = ", ".join(abstract[:3])
         raise ValueError(f"model has abstract (shape-only) variables ({names}{', ...' if len(abstract) > 3 else ''}): "
-                         "export needs the weights, e.g. checkpoint.restore_model(DIR) or models.create(...)")
+                         f"{purpose} needs the weights, e.g. checkpoint.restore_model(DIR) or models.create(...)")
     copy = nnx.merge(graphdef, state)
     copy.eval()  # BatchNorm: running statistics; Dropout: off
-    graphdef, state = nnx.split(copy)
+    return nnx.split(copy)
+
+
+def _inference_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """``x -> logits`` of an eval-mode copy of ``model`` (sharing its arrays), weights as constants."""
+    graphdef, state = eval_split(model)
 
     def forward(x):
         return nnx.merge(graphdef, state)(x)
@@ -361,8 +371,6 @@ def export_model(model: nnx.Module, out_file: str | os.PathLike, *, format: str,
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_file: str | os.PathLike, *, format: str,
                       batch: int | None = None, **kwargs: Any) -> ExportInfo:
     """Restore the model saved in ``checkpoint_dir`` (:func:`ib_lasso_jax.checkpoint.save_model`) and export it."""
-    from ib_lasso_jax import checkpoint
-
     return export_model(checkpoint.restore_model(checkpoint_dir), out_file, format=format, batch=batch, **kwargs)
 
 
