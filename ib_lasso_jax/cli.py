@@ -305,9 +305,10 @@ def _check_prune_out(out: Path, args, finished: bool) -> None:
 
 # prune()'s own arguments, each with its flag: not method options.
 _PRUNE_FLAGS = {"target_flops": "--target-flops", "target_params": "--target-params", "policy": "--policy",
+                "target_latency": "--target-latency", "latency_batch": "--latency-batch",
                 "floor": "--floor", "seed": "--seed", "round_to": "--round-to", "method": "--method"}
 # prune()'s arguments without a flag, given as --option KEY=VALUE.
-_PRUNE_OPTIONS = ("tolerance", "keep_ratios", "input_shape")
+_PRUNE_OPTIONS = ("tolerance", "keep_ratios", "input_shape", "latency_grid", "latency_cache")
 
 
 def _check_prune_args(args) -> tuple[int | float, dict, dict]:
@@ -324,9 +325,13 @@ def _check_prune_args(args) -> tuple[int | float, dict, dict]:
     floor = int(f) if f >= 1 else f
     for flag, value, least, what in (("--reestimate-bn", args.reestimate_bn, 0, "an integer >= 0 (0: keep)"),
                                      ("--per-class", args.per_class, 1, "a positive integer"),
-                                     ("--round-to", args.round_to, 1, "a positive integer (e.g. 8)")):
+                                     ("--round-to", args.round_to, 1, "a positive integer (e.g. 8)"),
+                                     ("--latency-batch", args.latency_batch, 1, "a positive integer (e.g. 1)")):
         if value is not None and value < least:
             raise ValueError(f"{flag} {value} is not valid; valid values: {what}")
+    if args.latency_batch is not None and args.target_latency is None:
+        raise ValueError(f"--latency-batch {args.latency_batch} is only used with --target-latency (the batch "
+                         "size its latency table is timed at); add --target-latency F or drop it")
     from ib_lasso_jax.config import parse_options
 
     options = parse_options(args.option or [])
@@ -368,9 +373,11 @@ def _prune_into(out: Path, args, floor, options: dict, extra: dict):
     model = checkpoint.restore_model(args.checkpoint)  # reads only
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, image_size=int(model.spec.input_shape[0]))
     images, labels = calibration_set(dataset, args.per_class, seed=args.seed)
+    if args.latency_batch is not None:
+        extra = {**extra, "latency_batch": args.latency_batch}
     small, report = prune(model, (images, labels), args.method, target_flops=args.target_flops,
-                          target_params=args.target_params, policy=args.policy, floor=floor,
-                          seed=args.seed, round_to=args.round_to, **extra, **options)
+                          target_params=args.target_params, target_latency=args.target_latency, policy=args.policy,
+                          floor=floor, seed=args.seed, round_to=args.round_to, **extra, **options)
     if args.reestimate_bn:
         reestimate_batchnorm(small, iter(dataset.batches("train", 128, seed=args.seed, shuffle=True)),
                              num_batches=args.reestimate_bn)
@@ -690,12 +697,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("prune", help="prune a saved model to a FLOPs or params target")
+    p = sub.add_parser("prune", help="prune a saved model to a FLOPs, params or latency target")
     p.add_argument("--checkpoint", required=True, help="the model directory (checkpoint.save_model); never modified")
     p.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove, in (0, 1)")
     target.add_argument("--target-params", type=float, help="fraction of params to remove, in (0, 1)")
+    target.add_argument("--target-latency", type=float, metavar="F",
+                        help="fraction of the latency predicted on this backend to remove, in (0, 1) (a per-layer "
+                             "table, cached; see docs/latency-targets.md)")
+    p.add_argument("--latency-batch", type=int, metavar="N",
+                   help="with --target-latency: the batch size the latency is for (default 1)")
     p.add_argument("--dataset", required=True, help="calibration data set (e.g. mnist5k, cifar10)")
     p.add_argument("--data-dir", help="TFDS data directory")
     p.add_argument("--per-class", type=int, default=20, help="calibration images per class")

@@ -452,3 +452,48 @@ def test_run_checks_the_prune_options_before_training(assignment, named, tmp_pat
                  "--set", assignment]) == 2
     err = _one_error_line(capsys, "run")
     assert named in err and "prune.options" in err, err
+
+
+def test_prune_to_a_latency_target(tmp_path, capsys, monkeypatch):
+    """--target-latency / --latency-batch reach prune(); a stand-in timer (layers 80% of a 1 s model,
+    cost by input size x output width) keeps it deterministic; the second run reads the cached table."""
+    import math
+
+    import jax
+    import numpy as np
+
+    from ib_lasso_jax.deploy import latency
+    from ib_lasso_jax.graph import coupling
+
+    src = _lenet(tmp_path)
+    ops = coupling.trace_channels(checkpoint.restore_model(src), strict=False).layers
+    k = 0.8 / sum(2 * math.prod(op.in_shape) * op.out_shape[-1] for op in ops)
+    timed = []
+
+    def fake(calls, *, repeats, warmup, min_sample_seconds):
+        timed.append(len(calls))
+        out = {}
+        for name, (f, x) in calls.items():
+            t = {"overhead": 0.0, "model": 1.0}.get(name)
+            out[name] = np.full(repeats, k * np.prod(x.shape) * jax.eval_shape(f, x).shape[-1] if t is None else t)
+        return out, dict.fromkeys(calls, 1)
+
+    monkeypatch.setattr(latency, "_time_samples", fake)
+    monkeypatch.setenv(latency.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    argv = ["prune", "--checkpoint", str(src), "--method", "l1-norm", "--target-latency", "0.4", "--latency-batch",
+            "2", "--dataset", "mnist5k", "--per-class", "2", "--reestimate-bn", "0"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["target"] == {"latency": 0.4} and report["info"]["latency"]["batch"] == 2
+    assert abs(report["predicted_latency_reduction"] - 0.4) <= 0.01
+    assert not report["info"]["latency"]["from_cache"] and timed
+    n = len(timed)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert len(timed) == n and again["info"]["latency"]["from_cache"]
+    capsys.readouterr()
+    # --latency-batch alone, and prune()'s latency arguments as --option, are refused by name.
+    assert main([*_prune_argv(src, tmp_path / "c"), "--latency-batch", "4"]) == 2
+    assert "--latency-batch 4" in _one_error_line(capsys) and not (tmp_path / "c").exists()
+    assert main([*_prune_argv(src, tmp_path / "c"), "--option", "target_latency=0.5"]) == 2
+    assert "--target-latency" in _one_error_line(capsys)
