@@ -46,8 +46,8 @@ test: lint
 test-papers: $(STAMP)
 	$(PYTEST) tests/test_pipeline.py -k paper_config_smoke
 
-# The ONNX export tests (tests/test_export.py, skipped by `make test` without the optional
-# extra) in a venv of their own with '.[test,onnx]': jax2onnx 0.17 caps orbax-checkpoint below
+# The ONNX export tests (tests/test_export.py) and the onnxruntime latency test, skipped by
+# `make test` without the optional extra, in a venv of their own with '.[test,onnx]': jax2onnx 0.17 caps orbax-checkpoint below
 # 0.11.37, so installing the extra into .venv would downgrade its orbax-checkpoint.
 ONNX_VENV  := .venv-onnx
 ONNX_STAMP := $(ONNX_VENV)/.installed
@@ -61,7 +61,8 @@ $(ONNX_STAMP): pyproject.toml
 # The import first: a broken install must fail here, not skip the tests.
 test-onnx: $(ONNX_STAMP)
 	$(ONNX_VENV)/bin/python -c "import jax2onnx, onnx, onnxruntime"
-	PYTHONDONTWRITEBYTECODE= $(ONNX_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs tests/test_export.py
+	PYTHONDONTWRITEBYTECODE= $(ONNX_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs tests/test_export.py \
+		"tests/test_latency.py::test_measure_onnxruntime"
 
 # Benchmarks print ratios measured side by side (no assertions): every one, on the backend JAX
 # finds (an accelerator when there is one), into one markdown report, results/bench.md.
