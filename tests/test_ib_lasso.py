@@ -156,30 +156,6 @@ def test_grid_path_mode_matches_vmap_mode():
         solve_grid(solver, Q, P, lams, 0.0, mode="loop")
 
 
-@pytest.mark.parametrize("penalty", ["lasso", "graph", "tree"])
-def test_channel_buckets_are_exact(penalty):
-    """Padding a layer to its channel bucket (zero rows/columns) leaves every solution unchanged."""
-    from ib_lasso_jax.pruning.methods.ib_lasso import channel_bucket
-
-    assert [channel_bucket(c) for c in (1, 20, 128, 129, 512)] == [128, 128, 128, 256, 512]
-    rng = np.random.default_rng(7)
-    y = np.arange(40) % 4
-    F = rng.normal(size=(40, 20, 4)).astype(np.float32) + 0.5 * y[:, None, None] * (np.arange(20) < 7)[None, :, None]
-    Q, P = gram.gram_statistics(F, gram.one_vs_rest_responses(y, 4), "gaussian")
-    profiles = rng.normal(size=(6, 4))
-    structure = {"lasso": None, "graph": structures.class_graph(profiles, rho=0.0),
-                 "tree": structures.class_tree(profiles)}[penalty]
-    solver = (StructuredLasso("lasso", maxiter=400) if structure is None else
-              StructuredLasso(penalty, structure=structure, graph_method="exact", maxiter=400))
-    lams = np.geomspace(1e-3, 1.0, 8) * float(np.abs(np.asarray(P)).max())
-    Bb, itb = solve_grid(solver, Q, P, lams, 0.7, mode="path")
-    Bu, itu = solve_grid(solver, Q, P, lams, 0.7, mode="path", bucket=False)
-    assert Bb.shape == Bu.shape == (8, 20, 4)
-    np.testing.assert_allclose(Bb, Bu, rtol=1e-5, atol=1e-6 * float(np.abs(Bu).max()))
-    np.testing.assert_array_equal(np.linalg.norm(Bb, axis=2) > 0, np.linalg.norm(Bu, axis=2) > 0)
-    np.testing.assert_array_equal(np.asarray(itb), np.asarray(itu))
-
-
 @pytest.mark.parametrize("method", ["sglp-ib", "stlp-ib"])
 def test_large_output_weight_is_hsic_lasso(lenet, calib, method):
     """Column 0 (the whole-output kernel) scaled by w is column 0 solved at lam / w: as w grows the

@@ -56,8 +56,7 @@ from ib_lasso_jax.lasso import gram, structures
 from ib_lasso_jax.lasso.solvers import StructuredLasso, gram_lipschitz
 from ib_lasso_jax.pruning import MethodContext, method_options, register_method, selection
 
-__all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "channel_bucket", "layer_lambda_for_count", "layer_problem",
-           "solve_grid"]
+__all__ = ["ALLOCATIONS", "GRID_MODES", "RESPONSES", "layer_lambda_for_count", "layer_problem", "solve_grid"]
 
 RESPONSES = ("R1", "R2", "R4")
 PROFILES = ("logits", "P")
@@ -202,21 +201,8 @@ def grid_mode_for_devices() -> str:
     return "vmap" if jax.device_count() > 1 or jax.default_backend() != "cpu" else "path"
 
 
-def channel_bucket(c: int) -> int:
-    """The padded channel count a ``c``-channel layer is solved at: ``max(128, next power of two)``."""
-    return max(128, 1 << (int(c) - 1).bit_length())
-
-
-def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mode: str = "auto", *,
-               bucket: bool = True):
+def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mode: str = "auto"):
     """Solve one layer for every lambda of ``lams`` in one compiled call: ``(B (G, C, K), iters (G,))``.
-
-    With ``bucket`` (``"path"`` mode) the problem is padded to :func:`channel_bucket` channels
-    (zero rows and columns of Q, zero rows of P) so that one compiled program serves every
-    layer of a bucket.
-    The padding is exact: the gradient ``Q B - P`` of a padded row is zero whatever B, every
-    penalty's prox is row-separable and keeps a zero row zero, Q's eigenvalues gain only zeros
-    (the same Lipschitz constant), and the stopping rule's maxima are unchanged.
 
     Modes:
       ``"vmap"``: every lambda solved from zero at once (``jax.vmap`` of the solver; sharded
@@ -232,16 +218,10 @@ def solve_grid(solver: StructuredLasso, Q, P, lams, structure_weight: float, mod
         raise ValueError(f"mode must be one of {', '.join(GRID_MODES)}; got {mode!r}")
     if mode == "auto":
         mode = grid_mode_for_devices()
-    c = np.shape(Q)[0]
-    # Path mode only: the vmapped grid stops on the objective change, whose round-off depends on the shape.
-    if bucket and mode == "path" and channel_bucket(c) > c:  # padded on the host: a device pad compiles per shape
-        pad = channel_bucket(c) - c
-        Q = np.pad(np.asarray(Q), ((0, pad), (0, pad)))
-        P = np.pad(np.asarray(P), ((0, pad), (0, 0)))
     Qp, lip = gram_lipschitz(jnp.asarray(Q))
     if mode == "path":
         B, state = solver.path(Qp, P, lams, structure_weight=structure_weight, lipschitz=lip)
-        return np.asarray(B)[:, :c], state.iter_num
+        return B, state.iter_num
     lams = jnp.asarray(lams, Qp.dtype)
     n_dev = jax.device_count()
     if n_dev > 1 and lams.shape[0] % n_dev == 0:
