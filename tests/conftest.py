@@ -39,6 +39,8 @@ from flax import nnx  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "heavy(seconds): a long test and its rough duration on 2 cores; scheduled longest first")
+    config.addinivalue_line(
+        "markers", "depth_variant: a zoo model's depth variant, run by `make test-onnx` (CI) instead of `make test`")
 
 
 def _heavy_seconds(item) -> float:

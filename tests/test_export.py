@@ -49,7 +49,12 @@ BASES.update({
 CASES = ["lenet5", "vgg11", "resnet20", "lenet5-pruned", "vgg11-pruned", "resnet20-pruned"]
 # Every family and a pruned model of each.
 ALL_CASES = [f"{name}{suffix}" for name in sorted(BASES) for suffix in ("", "-pruned")]
-OTHER_CASES = [c for c in ALL_CASES if c not in CASES]
+# Deeper or shallower members of a family above, built by the same builder from the same layers:
+# their StableHLO round trip runs in `make test-onnx` (CI), not in `make test`'s time budget, and
+# every one of them is run in onnxruntime there too.
+DEPTH_VARIANTS = ("vgg13", "vgg19", "resnet32", "resnet56", "resnet110", "resnet34")
+OTHER_CASES = [pytest.param(c, marks=pytest.mark.depth_variant) if c.partition("-")[0] in DEPTH_VARIANTS else c
+               for c in ALL_CASES if c not in CASES]
 _MODELS = {}
 
 
