@@ -28,9 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(RUN) experiments/demo.py --out results/demo
 
-# The linter first (seconds), then the package's docstring examples and the tests in one
-# parallel session (pytest loads tests/conftest.py, which gives the tests 4 CPU devices, before
-# it imports any module). The export tests' depth variants run in test-onnx (see tests/test_export.py).
+# The linter first (seconds), then the package's docstring examples (a process of their own:
+# tests/conftest.py gives the tests 4 CPU devices and the fast-compile XLA flags, which an
+# earlier import of the package would pre-empt), then the tests. The export tests' depth
+# variants run in test-onnx (see tests/test_export.py).
 lint: $(STAMP)
 	$(BIN)/ruff check ib_lasso_jax tests experiments
 
@@ -38,7 +39,8 @@ lint: $(STAMP)
 # install must fail here, not skip the PyTorch comparisons.
 test: lint
 	$(RUN) -c "import torch, safetensors"
-	$(PYTEST) --durations=25 --doctest-modules ib_lasso_jax tests -m "not depth_variant"
+	$(RUN) -m pytest -q -p no:cacheprovider --doctest-modules ib_lasso_jax
+	$(PYTEST) --durations=25 tests -m "not depth_variant"
 
 # Every paper config (experiment/configs/papers) end to end on mocked TFDS data in smoke mode, and
 # nothing else (`make test` runs them too, with everything else).
